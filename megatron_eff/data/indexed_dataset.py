@@ -1,0 +1,353 @@
+"""Megatron-LM byte-compatible memory-mapped indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+
+The ``.bin`` file is the concatenation of every sequence's token ids. The ``.idx`` file, all little-endian:
+
+    9 bytes   magic b"MMIDIDX\\x00\\x00"
+    <Q        version (1)
+    <B        dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16)
+    <Q        number of sequences S
+    <Q        number of document-index entries D (= documents + 1)
+    int32[S]  sequence lengths in tokens
+    int64[S]  sequence byte offsets into .bin
+    int64[D]  document indices: sequence index where each document starts (leading 0, last = S)
+
+Files written by Megatron-LM load here unchanged and ours load there. Reading never copies the token file:
+both files are memory-mapped, and a malformed pair raises one error naming the file and the field.
+Writing is atomic: ``IndexedDatasetBuilder`` writes temp files in the target directory and renames them
+into place in ``finalize``; ``abort`` (or leaving its ``with`` block by an exception) removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
+
+DTYPE_CODES: dict[int, type[np.generic]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
+
+
+def best_fitting_dtype(vocab_size: int | None) -> type[np.generic]:
+    """Token dtype for a vocabulary, Megatron's rule: uint16 below 65,500 ids, int32 otherwise."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.uint16
+    return np.int32
+
+
+def data_file_path(path_prefix: str) -> str:
+    """``PREFIX.bin``."""
+    return f"{path_prefix}.bin"
+
+
+def index_file_path(path_prefix: str) -> str:
+    """``PREFIX.idx``."""
+    return f"{path_prefix}.idx"
+
+
+def dtype_code(dtype) -> int:
+    """The ``.idx`` dtype code of a numpy dtype; ValueError for a dtype the format cannot store."""
+    try:
+        return CODE_OF_DTYPE[np.dtype(dtype)]
+    except KeyError:
+        supported = ", ".join(str(np.dtype(d)) for d in DTYPE_CODES.values())
+        raise ValueError(f"indexed dataset dtype {np.dtype(dtype)} is not one of {supported}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Index:
+    """The parsed, validated ``.idx`` file: arrays are zero-copy views of a read-only memmap."""
+
+    def __init__(self, idx_path: str):
+        self.path = idx_path
+        file_size = os.path.getsize(idx_path)
+        self._mmap = np.memmap(idx_path, mode="r", dtype=np.uint8) if file_size else np.zeros(0, np.uint8)
+        header = bytes(self._mmap[:HEADER_SIZE])
+        self.dtype, num_sequences, num_doc_entries = self._parse_header(header)
+        self.sequence_lengths = self._field("sequence_lengths", HEADER_SIZE, np.int32, num_sequences)
+        offset = HEADER_SIZE + 4 * num_sequences
+        self.sequence_pointers = self._field("sequence_pointers", offset, np.int64, num_sequences)
+        offset += 8 * num_sequences
+        self.document_indices = self._field("document_indices", offset, np.int64, num_doc_entries)
+        offset += 8 * num_doc_entries
+        if file_size != offset:
+            raise ValueError(
+                f"{idx_path}: {file_size - offset} unexpected trailing bytes after document_indices "
+                f"(header says {num_sequences} sequences, {num_doc_entries} document-index entries)"
+            )
+        self._check_document_indices(num_sequences)
+
+    def _parse_header(self, header: bytes) -> tuple[type[np.generic], int, int]:
+        """Validate magic, version and dtype code; return (dtype, S, D)."""
+        if len(header) < len(MAGIC) or header[: len(MAGIC)] != MAGIC:
+            raise ValueError(
+                f"{self.path}: bad magic {header[: len(MAGIC)]!r}, expected {MAGIC!r} "
+                "(not a Megatron mmap indexed dataset index)"
+            )
+        if len(header) < HEADER_SIZE:
+            raise ValueError(f"{self.path}: truncated header ({len(header)} of {HEADER_SIZE} bytes)")
+        (version,) = struct.unpack_from("<Q", header, 9)
+        if version != VERSION:
+            raise ValueError(f"{self.path}: unsupported version {version}, expected {VERSION}")
+        (code,) = struct.unpack_from("<B", header, 17)
+        if code not in DTYPE_CODES:
+            raise ValueError(f"{self.path}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}")
+        num_sequences, num_doc_entries = struct.unpack_from("<QQ", header, 18)
+        return DTYPE_CODES[code], num_sequences, num_doc_entries
+
+    def _field(self, name: str, offset: int, dtype, count: int) -> np.ndarray:
+        """``count`` elements at byte ``offset``; ValueError naming ``name`` if the file is too short."""
+        itemsize = np.dtype(dtype).itemsize
+        end = offset + count * itemsize
+        if end > self._mmap.size:
+            raise ValueError(
+                f"{self.path}: truncated {name}: header says {count} entries ({count * itemsize} bytes "
+                f"from byte {offset}) but the file has {self._mmap.size} bytes"
+            )
+        return self._mmap[offset:end].view(np.dtype(dtype).newbyteorder("<"))
+
+    def _check_document_indices(self, num_sequences: int) -> None:
+        """Document indices must start at 0, never decrease and end at the sequence count."""
+        docs = self.document_indices
+        if docs.size == 0 or docs[0] != 0 or docs[-1] != num_sequences or np.any(np.diff(docs) < 0):
+            first_last = (int(docs[0]), int(docs[-1])) if docs.size else None
+            raise ValueError(
+                f"{self.path}: invalid document_indices (first, last) = {first_last}: expected a "
+                f"non-decreasing list from 0 to the sequence count {num_sequences}"
+            )
+
+
+class IndexedDataset:
+    """Read-only view of ``PREFIX.bin``/``PREFIX.idx``; ``dataset[i]`` is sequence ``i``'s token ids."""
+
+    def __init__(self, path_prefix: str):
+        self.path_prefix = str(path_prefix)
+        idx_path, bin_path = index_file_path(self.path_prefix), data_file_path(self.path_prefix)
+        for path in (idx_path, bin_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"indexed dataset file not found: {path}")
+        self._index = _Index(idx_path)
+        self._bin_path = bin_path
+        self._check_bin_size()
+        bin_size = os.path.getsize(bin_path)
+        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+
+    def _check_bin_size(self) -> None:
+        """The .bin size must equal sum(lengths) * itemsize and every sequence must lie inside it."""
+        itemsize = np.dtype(self.dtype).itemsize
+        lengths, pointers = self.sequence_lengths, self.sequence_pointers
+        expected = int(lengths.sum(dtype=np.int64)) * itemsize
+        actual = os.path.getsize(self._bin_path)
+        if actual != expected:
+            raise ValueError(
+                f"{self._bin_path}: size {actual} bytes does not match sequence_lengths in "
+                f"{self._index.path} ({expected} bytes = {expected // itemsize} tokens x {itemsize})"
+            )
+        if len(lengths) and (
+            np.any(lengths < 0)
+            or np.any(pointers < 0)
+            or np.any(pointers + lengths.astype(np.int64) * itemsize > actual)
+        ):
+            raise ValueError(
+                f"{self._index.path}: sequence_pointers/sequence_lengths point outside {self._bin_path}"
+            )
+
+    @property
+    def dtype(self) -> type[np.generic]:
+        """Token dtype stored in the .bin file."""
+        return self._index.dtype
+
+    @property
+    def sequence_lengths(self) -> np.ndarray:
+        """int32 [S] tokens per sequence."""
+        return self._index.sequence_lengths
+
+    @property
+    def sequence_pointers(self) -> np.ndarray:
+        """int64 [S] byte offset of each sequence in the .bin file."""
+        return self._index.sequence_pointers
+
+    @property
+    def document_indices(self) -> np.ndarray:
+        """int64 [docs + 1] sequence index where each document starts (leading 0, last = S)."""
+        return self._index.document_indices
+
+    @property
+    def num_documents(self) -> int:
+        """Number of documents (``len(document_indices) - 1``)."""
+        return len(self.document_indices) - 1
+
+    @property
+    def document_lengths(self) -> np.ndarray:
+        """int64 [docs] tokens per document (the sum of its sequences' lengths)."""
+        token_starts = np.zeros(len(self) + 1, dtype=np.int64)  # [S + 1] first token of each sequence
+        np.cumsum(self.sequence_lengths, out=token_starts[1:])
+        return np.diff(token_starts[self.document_indices])
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def __getitem__(self, idx: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(idx, slice):
+            return [self.get(i) for i in range(*idx.indices(len(self)))]
+        return self.get(idx)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``idx`` as a read-only view (no copy)."""
+        num = len(self)
+        if not -num <= idx < num:
+            raise IndexError(f"sequence index {idx} out of range for {num} sequences in {self.path_prefix}")
+        idx = int(idx) % num
+        seq_len = int(self.sequence_lengths[idx])
+        if length is None:
+            length = seq_len - offset
+        if offset < 0 or length < 0 or offset + length > seq_len:
+            raise IndexError(
+                f"slice [{offset}, {offset + length}) outside sequence {idx} of length {seq_len}"
+            )
+        itemsize = np.dtype(self.dtype).itemsize
+        start = int(self.sequence_pointers[idx]) + offset * itemsize
+        return self._bin[start : start + length * itemsize].view(self.dtype)
+
+    def get_document(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of document ``doc``, its sequences taken back to back."""
+        first, last = int(self.document_indices[doc]), int(self.document_indices[doc + 1])
+        if last - first == 1:  # the usual case: one sequence per document, a zero-copy view
+            return self.get(first, offset, length)
+        parts = [self.get(i) for i in range(first, last)]
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+        end = len(tokens) if length is None else offset + length
+        if offset < 0 or end > len(tokens) or end < offset:
+            raise IndexError(f"slice [{offset}, {end}) outside document {doc} of length {len(tokens)}")
+        return tokens[offset:end]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def encode_index(dtype, sequence_lengths, document_indices) -> bytes:
+    """The full ``.idx`` byte string for the given lengths and document indices (pointers derived)."""
+    lengths = np.asarray(sequence_lengths, dtype="<i4")
+    itemsize = np.dtype(dtype).itemsize
+    pointers = np.zeros(len(lengths), dtype="<i8")  # byte offset of each sequence
+    if len(lengths):
+        np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=pointers[1:])
+    docs = np.asarray(document_indices, dtype="<i8")
+    header = MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", dtype_code(dtype))
+    header += struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(docs))
+    return header + lengths.tobytes() + pointers.tobytes() + docs.tobytes()
+
+
+def _temp_path_beside(path: str, suffix: str) -> str:
+    """Create an empty temp file next to ``path`` (same directory, so a rename is atomic)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    return tmp
+
+
+class IndexedDatasetBuilder:
+    """Write an indexed dataset: ``add_item``/``end_document`` or ``add_document``, then ``finalize``.
+
+    Tokens stream into a temp file beside ``bin_path``; ``finalize(idx_path)`` writes the index to a temp
+    file and renames both into place (the ``.idx`` last, so its presence means the pair is complete).
+    Used as a context manager, an exception inside the block calls ``abort`` and leaves no files behind.
+    A document still open at ``finalize`` is closed automatically.
+    """
+
+    def __init__(self, bin_path: str, dtype=np.int32):
+        dtype_code(dtype)  # validate early
+        self.bin_path = str(bin_path)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self._tmp_bin = _temp_path_beside(self.bin_path, ".tmp")
+        self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed in finalize/abort
+        self._sequence_lengths: list[int] = []
+        self._document_indices: list[int] = [0]
+        self._closed = False
+
+    def add_item(self, tokens) -> None:
+        """Append one sequence (1-D array-like of token ids)."""
+        array = np.asarray(tokens)
+        if array.ndim != 1:
+            raise ValueError(f"add_item expects a 1-D sequence of token ids, got shape {array.shape}")
+        self._file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sequence_lengths.append(len(array))
+
+    def end_document(self) -> None:
+        """Close the current document (a document may hold several sequences)."""
+        self._document_indices.append(len(self._sequence_lengths))
+
+    def add_document(self, tokens, lengths) -> None:
+        """Append a document: flat ``tokens`` split into sequences of ``lengths``, then close it."""
+        array = np.asarray(tokens)
+        lengths = [int(n) for n in lengths]
+        if array.ndim != 1 or sum(lengths) != len(array):
+            raise ValueError(f"add_document: lengths sum {sum(lengths)} != {array.size} tokens")
+        self._file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sequence_lengths.extend(lengths)
+        self.end_document()
+
+    def finalize(self, idx_path: str) -> None:
+        """Write the index and move ``.bin`` then ``.idx`` into place."""
+        if self._document_indices[-1] != len(self._sequence_lengths):
+            self.end_document()
+        self._file.close()
+        tmp_idx = _temp_path_beside(str(idx_path), ".tmp")
+        bin_moved = False
+        try:
+            Path(tmp_idx).write_bytes(
+                encode_index(self.dtype, self._sequence_lengths, self._document_indices)
+            )
+            os.replace(self._tmp_bin, self.bin_path)
+            bin_moved = True
+            os.replace(tmp_idx, idx_path)
+        except BaseException:
+            _remove_quietly(tmp_idx)
+            if bin_moved:  # never leave a .bin without its .idx
+                _remove_quietly(self.bin_path)
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Discard everything written so far; no output file is created."""
+        if self._closed:
+            return
+        self._file.close()
+        _remove_quietly(self._tmp_bin)
+        self._closed = True
+
+    def __enter__(self) -> IndexedDatasetBuilder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._closed:
+            self.abort()
+
+
+def _remove_quietly(path: str) -> None:
+    """Delete ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)

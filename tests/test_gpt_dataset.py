@@ -1,0 +1,202 @@
+"""GPT dataset indices, caching, document splits, blending and the --data-path/--split parsers."""
+
+import os
+
+import numpy as np
+import pytest
+
+from megatron_eff.data.blended_dataset import BlendedDataset, build_blending_indices
+from megatron_eff.data.builders import (
+    build_train_valid_test_datasets,
+    collate_samples,
+    get_split_indices,
+    parse_data_path,
+    parse_split,
+)
+from megatron_eff.data.gpt_dataset import GPTDataset
+from megatron_eff.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+
+def make_prefix(directory, name="corpus", num_docs=40, seed=0, base=0):
+    """Documents of random length (some empty) whose tokens are unique: doc d holds base + d*1000 + i."""
+    rng = np.random.RandomState(seed)
+    prefix = str(directory / name)
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+    for d in range(num_docs):
+        length = 0 if d % 13 == 5 else rng.randint(1, 40)
+        builder.add_item(base + d * 1000 + np.arange(length))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def stream_of_samples(ds: GPTDataset, count: int) -> np.ndarray:
+    """The token stream covered by the first ``count`` unshuffled samples (overlap token dropped)."""
+    parts = [ds.sample_tokens(0)] + [ds.sample_tokens(j)[1:] for j in range(1, count)]
+    return np.concatenate(parts)
+
+
+def test_samples_cover_each_epoch_exactly(tmp_path):
+    indexed = IndexedDataset(make_prefix(tmp_path))
+    documents = np.arange(indexed.num_documents)
+    seq_length = 7
+    tokens_per_epoch = int(indexed.document_lengths.sum())
+    num_samples = 3 * tokens_per_epoch // seq_length  # about three epochs
+    ds = GPTDataset(indexed, documents, num_samples, seq_length, seed=3, cache_dir=str(tmp_path / "c"))
+    assert ds.sample_index.shape == (num_samples + 1, 2) and ds.sample_index.dtype == np.int64
+    assert all(len(ds[i]["tokens"]) == seq_length + 1 for i in range(0, num_samples, 17))
+    stream = stream_of_samples(ds, num_samples)
+    expected = np.concatenate([indexed.get_document(d) for d in ds.document_index])
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    num_docs = len(documents)
+    for epoch in range(2):  # every full epoch is a permutation of the documents: each token exactly once
+        epoch_docs = ds.document_index[epoch * num_docs : (epoch + 1) * num_docs]
+        assert sorted(epoch_docs.tolist()) == documents.tolist()
+        epoch_tokens = stream[epoch * tokens_per_epoch : (epoch + 1) * tokens_per_epoch]
+        np.testing.assert_array_equal(
+            np.sort(epoch_tokens), np.sort(np.concatenate([indexed.get_document(d) for d in documents]))
+        )
+    assert sorted(ds.shuffle_index.tolist()) == list(range(num_samples))
+
+
+def test_seed_determinism(tmp_path):
+    indexed = IndexedDataset(make_prefix(tmp_path))
+    docs = np.arange(indexed.num_documents)
+    a = GPTDataset(indexed, docs, 50, 8, seed=1, cache_dir=str(tmp_path / "a"))
+    b = GPTDataset(indexed, docs, 50, 8, seed=1, cache_dir=str(tmp_path / "b"))
+    c = GPTDataset(indexed, docs, 50, 8, seed=2, cache_dir=str(tmp_path / "c"))
+    assert not b.loaded_from_cache
+    np.testing.assert_array_equal(a[10]["tokens"], b[10]["tokens"])
+    assert not np.array_equal(a.document_index, c.document_index)
+    assert not all(np.array_equal(a[i]["tokens"], c[i]["tokens"]) for i in range(50))
+
+
+def test_cache_created_and_reused(tmp_path):
+    indexed = IndexedDataset(make_prefix(tmp_path))
+    docs = np.arange(indexed.num_documents)
+    first = GPTDataset(indexed, docs, 30, 8, seed=1)  # default cache: PREFIX's folder / cache
+    cache_dir = tmp_path / "cache"
+    files = sorted(os.listdir(cache_dir))
+    assert len(files) == 4 and any(f.endswith("description.json") for f in files)
+    assert not first.loaded_from_cache
+    second = GPTDataset(indexed, docs, 30, 8, seed=1)
+    assert second.loaded_from_cache
+    for name in ("document_index", "sample_index", "shuffle_index"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    third = GPTDataset(indexed, docs, 30, 9, seed=1)
+    assert not third.loaded_from_cache
+    assert len(os.listdir(cache_dir)) == 8
+    assert not any(".tmp" in f for f in os.listdir(cache_dir))
+
+
+def test_empty_split_raises(tmp_path):
+    prefix = make_prefix(tmp_path)
+    indexed = IndexedDataset(prefix)
+    with pytest.raises(ValueError, match="corpus.*valid.*no documents"):
+        GPTDataset(indexed, np.array([], dtype=np.int64), 10, 8, 1, str(tmp_path), "valid")
+    with pytest.raises(ValueError, match="0 tokens"):
+        GPTDataset(indexed, np.array([5]), 10, 8, 1, str(tmp_path), "test")  # doc 5 is empty
+    with pytest.raises(ValueError, match="--split: the valid split of .*corpus gets no documents"):
+        build_train_valid_test_datasets([prefix], "98,1,1", (10, 10, 0), 8, 1)  # 1% of 40 docs rounds to 0
+
+
+def test_train_valid_test_splits_share_no_documents(tmp_path):
+    prefix = make_prefix(tmp_path, num_docs=100)
+    train, valid, test = build_train_valid_test_datasets([prefix], "80,20,0", (200, 30, 0), 8, 1234)
+    assert test is None
+    assert set(train.document_ids.tolist()).isdisjoint(valid.document_ids.tolist())
+    assert len(train.document_ids) == 80 and len(valid.document_ids) == 20
+    # Token values encode the document (doc * 1000 + i), so check the samples themselves too.
+    train_docs = {int(t) // 1000 for i in range(len(train)) for t in train[i]["tokens"]}
+    valid_docs = {int(t) // 1000 for i in range(len(valid)) for t in valid[i]["tokens"]}
+    assert train_docs.isdisjoint(valid_docs)
+
+
+def test_split_indices_match_megatron_rounding():
+    assert get_split_indices(parse_split("949,50,1"), 1000) == [0, 949, 999, 1000]
+    # Thirds of 10 round to 3 each; Megatron shifts every boundary by the shortfall: [0, 4, 7, 10].
+    assert get_split_indices(parse_split("1,1,1"), 10) == [0, 4, 7, 10]
+    assert get_split_indices(parse_split("1,0,0"), 7) == [0, 7, 7, 7]
+
+
+def test_blended_proportions(tmp_path):
+    prefixes = [make_prefix(tmp_path, f"p{k}", seed=k, base=k * 1_000_000) for k in range(3)]
+    data_path = ["0.5", prefixes[0], "0.3", prefixes[1], "0.2", prefixes[2]]
+    train, _, _ = build_train_valid_test_datasets(data_path, "1,0,0", (2000, 0, 0), 8, 1234)
+    assert isinstance(train, BlendedDataset) and len(train) == 2000
+    counts = np.bincount(train.dataset_index, minlength=3) / 2000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.01)
+    sample = train[7]
+    assert sample["tokens"][0] // 1_000_000 == sample["dataset_id"]
+    again, _, _ = build_train_valid_test_datasets(data_path, "1,0,0", (2000, 0, 0), 8, 1234)
+    assert again.loaded_from_cache
+    np.testing.assert_array_equal(again.dataset_index, train.dataset_index)
+
+
+def test_blending_is_greedy_and_reweightable():
+    index, sample_index = build_blending_indices([0.75, 0.25], 8)
+    assert index.tolist() == [0, 1, 0, 0, 0, 1, 0, 0]
+    assert sample_index.tolist() == [0, 0, 1, 2, 3, 1, 4, 5]
+
+    class Tiny:
+        def __init__(self, k):
+            self.k = k
+
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            return {"tokens": np.array([self.k, i])}
+
+    blend = BlendedDataset([Tiny(0), Tiny(1)], [0.5, 0.5], 400)
+    before = blend.dataset_index[:200].copy()
+    blend.set_weights([0.9, 0.1], from_sample=200)
+    np.testing.assert_array_equal(blend.dataset_index[:200], before)
+    tail = np.bincount(blend.dataset_index[200:], minlength=2) / 200
+    np.testing.assert_allclose(tail, [0.9, 0.1], atol=0.01)
+    # Per-dataset sample indices continue without repeats across the change.
+    for k in range(2):
+        drawn = blend.dataset_sample_index[blend.dataset_index == k]
+        assert drawn.tolist() == list(range(len(drawn)))
+    with pytest.raises(ValueError, match="non-negative"):
+        blend.set_weights([-1, 2], 10)
+    with pytest.raises(ValueError, match="positive sum"):
+        BlendedDataset([Tiny(0)], [0.0], 10)
+
+
+def test_collate_shifts_labels():
+    batch = collate_samples([{"tokens": np.arange(5)}, {"tokens": np.arange(10, 15)}])
+    assert batch["tokens"].shape == (2, 4) and batch["tokens"].dtype.is_floating_point is False
+    assert batch["tokens"][1].tolist() == [10, 11, 12, 13]
+    assert batch["labels"][1].tolist() == [11, 12, 13, 14]
+
+
+def test_parse_data_path(tmp_path):
+    a, b = make_prefix(tmp_path, "a"), make_prefix(tmp_path, "b", num_docs=20)
+    assert parse_data_path([a]) == ([a], [1.0])
+    prefixes, weights = parse_data_path(["3", a, "1", b])
+    assert prefixes == [a, b] and weights == [0.75, 0.25]
+    prefixes, weights = parse_data_path([a, b])  # unweighted: by token count
+    assert prefixes == [a, b] and weights[0] > weights[1] and abs(sum(weights) - 1) < 1e-12
+    with pytest.raises(ValueError, match="--data-path.*not a mix"):
+        parse_data_path(["0.5", a, b])
+    with pytest.raises(ValueError, match="--data-path.*pairs"):
+        parse_data_path(["0.5", a, "0.5"])
+    with pytest.raises(ValueError, match="--data-path.*non-negative"):
+        parse_data_path(["-1", a, "2", b])
+    with pytest.raises(ValueError, match="--data-path.*positive sum"):
+        parse_data_path(["0", a, "0", b])
+    with pytest.raises(FileNotFoundError, match="--data-path.*missing"):
+        parse_data_path([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("bad", ["", "a,b", "1,2,3,4", "-1,2", "0,0,0", "nan,1"])
+def test_parse_split_errors(bad):
+    with pytest.raises(ValueError, match="--split"):
+        parse_split(bad)
+
+
+def test_parse_split_values():
+    assert parse_split("949,50,1") == pytest.approx([0.949, 0.05, 0.001])
+    assert parse_split("1") == [1.0, 0.0, 0.0]
+    assert parse_split("90/10") == pytest.approx([0.9, 0.1, 0.0])

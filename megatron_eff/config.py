@@ -1,0 +1,351 @@
+"""Typed configuration: one small dataclass per concern, validated in `__post_init__`.
+
+`arguments.py` is the only place that knows argparse; it fills these dataclasses. Every validation error
+names the command-line flag and the offending value, so a bad run fails before any process-group work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of the one transformer (GPT-2 style or LLaMA style by switches)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None  # default: 4h (GELU) or the LLaMA 8h/3 rounded to 64 (SwiGLU)
+    num_query_groups: int | None = None  # None = MHA (one group per head); fewer = GQA
+    seq_length: int = 128
+    max_position_embeddings: int | None = None  # default: seq_length
+    vocab_size: int = 256  # the tokenizer's vocabulary, before padding
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: str = "learned_absolute"  # or "rope"
+    rotary_base: float = 10000.0
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    recompute_activations: bool = False
+    transformer_impl: str = "local"
+
+    def __post_init__(self) -> None:
+        _require(self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}")
+        _require(self.hidden_size > 0, f"--hidden-size must be positive, got {self.hidden_size}")
+        _require(
+            self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0,
+            f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
+            f"{self.num_attention_heads}",
+        )
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        _require(
+            0 < self.num_query_groups <= self.num_attention_heads
+            and self.num_attention_heads % self.num_query_groups == 0,
+            f"--num-query-groups {self.num_query_groups} must divide --num-attention-heads "
+            f"{self.num_attention_heads}",
+        )
+        if self.ffn_hidden_size is None:
+            if self.swiglu:  # LLaMA: 2/3 of 4h, rounded up to a multiple of 64
+                self.ffn_hidden_size = 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
+            else:
+                self.ffn_hidden_size = 4 * self.hidden_size
+        _require(self.ffn_hidden_size > 0, f"--ffn-hidden-size must be positive, got {self.ffn_hidden_size}")
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        _require(self.seq_length > 0, f"--seq-length must be positive, got {self.seq_length}")
+        _require(
+            self.position_embedding_type in ("learned_absolute", "rope"),
+            f"--position-embedding-type must be learned_absolute or rope, got {self.position_embedding_type!r}",
+        )
+        if self.position_embedding_type == "learned_absolute":
+            _require(
+                self.seq_length <= self.max_position_embeddings,
+                f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
+                f"{self.max_position_embeddings}",
+            )
+        if self.position_embedding_type == "rope":
+            _require(self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}")
+        _require(
+            self.normalization in ("LayerNorm", "RMSNorm"),
+            f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}",
+        )
+        _require(self.vocab_size > 0, f"--vocab-size must be positive, got {self.vocab_size}")
+        _require(
+            self.make_vocab_size_divisible_by > 0,
+            f"--make-vocab-size-divisible-by must be positive, got {self.make_vocab_size_divisible_by}",
+        )
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        _require(
+            self.transformer_impl in ("local", "transformer_engine"),
+            f"--transformer-impl must be local or transformer_engine, got {self.transformer_impl!r}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return not self.untie_embeddings_and_output_weights
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Megatron's rule: pad to a multiple of `make_vocab_size_divisible_by * TP`."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+# Sizes table for --model-preset. Fields not given keep the command line's / dataclass's values.
+_GPT2 = dict(
+    position_embedding_type="learned_absolute",
+    normalization="LayerNorm",
+    swiglu=False,
+    add_bias_linear=True,
+    untie_embeddings_and_output_weights=False,
+    max_position_embeddings=1024,
+    seq_length=1024,
+    vocab_size=50257,
+)
+_LLAMA = dict(
+    position_embedding_type="rope",
+    normalization="RMSNorm",
+    swiglu=True,
+    add_bias_linear=False,
+    untie_embeddings_and_output_weights=True,
+)
+MODEL_PRESETS: dict[str, dict] = {
+    "gpt-tiny": {**_GPT2, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                 "seq_length": 128, "max_position_embeddings": 128, "vocab_size": 256},
+    "gpt2-124m": {**_GPT2, "num_layers": 12, "hidden_size": 768, "num_attention_heads": 12},
+    "gpt2-350m": {**_GPT2, "num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16},
+    "gpt2-774m": {**_GPT2, "num_layers": 36, "hidden_size": 1280, "num_attention_heads": 20},
+    "llama-tiny": {**_LLAMA, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "num_query_groups": 2, "ffn_hidden_size": 176, "seq_length": 128, "vocab_size": 256,
+                   "norm_epsilon": 1e-5},
+    "llama-350m": {**_LLAMA, "num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16,
+                   "num_query_groups": 4, "ffn_hidden_size": 2816, "seq_length": 2048,
+                   "vocab_size": 32000, "norm_epsilon": 1e-5},
+    "llama-1b": {**_LLAMA, "num_layers": 16, "hidden_size": 2048, "num_attention_heads": 32,
+                 "num_query_groups": 8, "ffn_hidden_size": 8192, "seq_length": 2048, "vocab_size": 32000,
+                 "norm_epsilon": 1e-5, "rotary_base": 500000.0},
+    "llama2-7b": {**_LLAMA, "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                  "ffn_hidden_size": 11008, "seq_length": 4096, "vocab_size": 32000, "norm_epsilon": 1e-5},
+    "llama3-8b": {**_LLAMA, "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                  "num_query_groups": 8, "ffn_hidden_size": 14336, "seq_length": 8192,
+                  "vocab_size": 128256, "norm_epsilon": 1e-5, "rotary_base": 500000.0},
+}
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: int = 40_000_000  # elements per data-parallel gradient bucket (Megatron's default)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.tensor_model_parallel_size >= 1,
+            f"--tensor-model-parallel-size must be >= 1, got {self.tensor_model_parallel_size}",
+        )
+        _require(
+            self.pipeline_model_parallel_size >= 1,
+            f"--pipeline-model-parallel-size must be >= 1, got {self.pipeline_model_parallel_size}",
+        )
+        _require(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "--sequence-parallel needs --tensor-model-parallel-size > 1",
+        )
+        _require(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        _require(
+            world_size % model_parallel == 0,
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+            f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+            f"{self.pipeline_model_parallel_size}",
+        )
+        return world_size // model_parallel
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Divisibility rules between the parallel layout and the model shape."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        _require(
+            model.num_attention_heads % tp == 0,
+            f"--num-attention-heads {model.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}",
+        )
+        _require(
+            model.num_query_groups % tp == 0,
+            f"--num-query-groups {model.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}",
+        )
+        _require(
+            model.ffn_hidden_size % tp == 0,
+            f"--ffn-hidden-size {model.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}",
+        )
+        vpp = self.num_layers_per_virtual_pipeline_stage
+        _require(
+            not vpp or pp > 1,
+            f"--num-layers-per-virtual-pipeline-stage {vpp} needs --pipeline-model-parallel-size > 1",
+        )
+        layers_per_chunk = vpp if vpp else model.num_layers // pp
+        chunks = pp * (model.num_layers // (pp * vpp) if vpp else 1)
+        _require(
+            model.num_layers % pp == 0 and layers_per_chunk * chunks == model.num_layers,
+            f"--num-layers {model.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
+            + (f" x --num-layers-per-virtual-pipeline-stage {vpp}" if vpp else ""),
+        )
+        if self.sequence_parallel:
+            _require(
+                model.seq_length % tp == 0,
+                f"--seq-length {model.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
+                "(needed by --sequence-parallel)",
+            )
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # default: train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        _require(
+            self.lr_decay_style in ("cosine", "linear", "constant"),
+            f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}",
+        )
+        _require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}")
+        _require(0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
+        _require(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables), got {self.clip_grad}")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int | None = None  # default: micro_batch_size * data-parallel size
+    train_iters: int = 100
+    seed: int = 1234
+    bf16: bool = False
+    fp16: bool = False
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    max_bad_steps: int = 10  # NaN/inf losses or grad norms in a row before a hard stop
+    exit_interval: int | None = None
+    exit_duration_in_mins: float | None = None
+    exit_signal_handler: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}")
+        _require(self.train_iters > 0, f"--train-iters must be positive, got {self.train_iters}")
+        _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
+        _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
+        _require(self.eval_interval > 0, f"--eval-interval must be positive, got {self.eval_interval}")
+        _require(self.eval_iters >= 0, f"--eval-iters must be >= 0, got {self.eval_iters}")
+        if self.global_batch_size is not None:
+            _require(self.global_batch_size > 0, f"--global-batch-size must be positive, got {self.global_batch_size}")
+
+    def num_micro_batches(self, data_parallel_size: int) -> int:
+        """Gradient-accumulation steps per iteration on each data-parallel rank."""
+        gbs = self.global_batch_size or self.micro_batch_size * data_parallel_size
+        per_step = self.micro_batch_size * data_parallel_size
+        _require(
+            gbs % per_step == 0,
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {self.micro_batch_size} x "
+            f"data-parallel size {data_parallel_size}",
+        )
+        return gbs // per_step
+
+    def resolved_global_batch_size(self, data_parallel_size: int) -> int:
+        return self.global_batch_size or self.micro_batch_size * data_parallel_size
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)  # [W1] PREFIX1 [W2] PREFIX2 ...
+    split: str = "969,30,1"
+    tokenizer_type: str = "NullTokenizer"
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    data_cache_path: str | None = None
+    num_workers: int = 0
+    mock_data: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        _require(
+            self.mock_data or bool(self.data_path),
+            "--data-path is required (or --mock-data for synthetic tokens)",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+    def __post_init__(self) -> None:
+        if self.save_interval is not None:
+            _require(self.save_interval > 0, f"--save-interval must be positive, got {self.save_interval}")
+            _require(self.save is not None, "--save-interval needs --save DIR")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: str | None = None
+    log_throughput: bool = True
+    peak_tflops: float | None = None  # per device, for MFU; default: guessed from the device
+
+
+@dataclass
+class Config:
+    """Everything a run needs; `arguments.parse_args` builds it."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    optim: OptimizerConfig
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+
+    def __post_init__(self) -> None:
+        self.parallel.check_model(self.model)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

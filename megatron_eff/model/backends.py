@@ -1,0 +1,64 @@
+"""Layer factories: the transformer asks a backend for its linears and norms, so tensor parallelism and
+precision are a choice of layer, not a branch in `forward`.
+
+- `local`: pure PyTorch — `megatron_eff.parallel.layers` (column/row-parallel linears) and `norms.py`.
+- `transformer_engine`: not built yet (TE layers and FP8 recipes are a separate piece of work).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from megatron_eff.config import ModelConfig
+from megatron_eff.model.norms import LayerNorm, RMSNorm
+from megatron_eff.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_eff.parallel.state import ParallelState
+
+
+class LocalBackend:
+    """Builds layers from `megatron_eff.parallel.layers` over `pstate.tp_group`."""
+
+    def __init__(self, config: ModelConfig, pstate: ParallelState, sequence_parallel: bool):
+        self.config, self.pstate, self.sequence_parallel = config, pstate, sequence_parallel
+        self.tp_group = pstate.tp_group
+
+    def column_linear(
+        self, input_size: int, output_size: int, *, bias: bool, init_std: float, num_fused: int = 1,
+        gather_output: bool = False,
+    ) -> nn.Module:
+        """`[s, b, in]` (`[s/tp, b, in]` with sequence parallel) -> `[s, b, out/tp]`."""
+        return ColumnParallelLinear(
+            input_size, output_size, bias=bias, tp_group=self.tp_group, gather_output=gather_output,
+            sequence_parallel=self.sequence_parallel, init_std=init_std, num_fused=num_fused,
+        )
+
+    def row_linear(self, input_size: int, output_size: int, *, bias: bool, init_std: float) -> nn.Module:
+        """`[s, b, in/tp]` -> `[s, b, out]` (`[s/tp, b, out]` with sequence parallel)."""
+        return RowParallelLinear(
+            input_size, output_size, bias=bias, tp_group=self.tp_group, input_is_parallel=True,
+            sequence_parallel=self.sequence_parallel, init_std=init_std,
+        )
+
+    def norm(self, hidden_size: int) -> nn.Module:
+        norm_class = LayerNorm if self.config.normalization == "LayerNorm" else RMSNorm
+        return norm_class(hidden_size, self.config.norm_epsilon, self.sequence_parallel)
+
+
+def _transformer_engine_unavailable() -> ValueError:
+    try:
+        import transformer_engine  # noqa: F401  (imported lazily: only when this backend is asked for)
+    except ImportError as error:
+        why = f"Transformer Engine is not importable here ({error})"
+    else:
+        why = "Transformer Engine is installed, but megatron_eff's TE backend is not built yet"
+    return ValueError(f"--transformer-impl transformer_engine: {why}; use --transformer-impl local")
+
+
+def build_backend(config: ModelConfig, pstate: ParallelState, sequence_parallel: bool) -> LocalBackend:
+    if config.transformer_impl == "local":
+        return LocalBackend(config, pstate, sequence_parallel)
+    if config.transformer_impl == "transformer_engine":
+        raise _transformer_engine_unavailable()
+    raise ValueError(
+        f"--transformer-impl must be local or transformer_engine, got {config.transformer_impl!r}"
+    )

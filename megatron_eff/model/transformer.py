@@ -1,0 +1,57 @@
+"""Pre-norm transformer layer and the block of layers one pipeline stage owns.
+
+Layers are keyed by their *global* index (`layers.4` is layer 4 whatever the pipeline layout), so
+parameter names, initial weights and checkpoints do not depend on how the model is split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_eff.config import ModelConfig
+from megatron_eff.model.attention import SelfAttention
+from megatron_eff.model.mlp import MLP
+
+
+class TransformerLayer(nn.Module):
+    """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x))). Activations `[s, b, h]`."""
+
+    def __init__(self, config: ModelConfig, backend):
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = backend.norm(config.hidden_size)
+        self.self_attention = SelfAttention(config, backend)
+        self.pre_mlp_layernorm = backend.norm(config.hidden_size)
+        self.mlp = MLP(config, backend)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hidden_dropout == 0.0 or not self.training:
+            return x
+        return F.dropout(x, self.hidden_dropout, training=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._dropout(self.self_attention(self.input_layernorm(x)))
+        return x + self._dropout(self.mlp(self.pre_mlp_layernorm(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Layers `layer_range = (first, last)` (global indices, `last` exclusive) and, on the last pipeline
+    stage, the final norm. With `config.recompute_activations` each layer's activations are recomputed
+    in the backward pass instead of stored (non-reentrant checkpoint; dropout masks are replayed)."""
+
+    def __init__(self, config: ModelConfig, backend, layer_range: tuple[int, int], post_process: bool):
+        super().__init__()
+        self.recompute = config.recompute_activations
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, backend) for i in range(*layer_range)})
+        self.final_layernorm = backend.norm(config.hidden_size) if post_process else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers.values():
+            if self.recompute and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return x if self.final_layernorm is None else self.final_layernorm(x)

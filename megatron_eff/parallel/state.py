@@ -1,0 +1,127 @@
+"""Process groups for tensor, pipeline and data parallelism, held in one passed-around `ParallelState`.
+
+Rank layout (Megatron's `tp-cp-ep-dp-pp` with cp = ep = 1): tensor-parallel rank varies fastest, then
+data-parallel, then pipeline:
+
+    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+so a TP group is always consecutive ranks (one node). `ParallelState.single()` is the no-parallelism state
+used by single-process runs and tests; it needs no `torch.distributed` initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_eff.config import ParallelConfig
+
+
+@dataclass
+class ParallelState:
+    tp_size: int = 1
+    pp_size: int = 1
+    dp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    rank: int = 0
+    world_size: int = 1
+    tp_group: object | None = None
+    pp_group: object | None = None
+    dp_group: object | None = None
+    model_parallel_group: object | None = None  # tp x pp: for the global grad norm across the model
+    embedding_group: object | None = None  # first and last pipeline stage (tied embedding grads)
+    pp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of this rank's pipeline
+    virtual_pp_size: int = 1
+
+    @classmethod
+    def single(cls) -> ParallelState:
+        return cls()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
+            f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}"
+        )
+
+
+def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
+    """Global rank of a (tp, dp, pp) coordinate in the tp-fastest layout."""
+    return pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+
+def coordinates_of(rank: int, tp: int, dp: int) -> tuple[int, int, int]:
+    """(tp_rank, dp_rank, pp_rank) of a global rank."""
+    return rank % tp, (rank // tp) % dp, rank // (tp * dp)
+
+
+def group_ranks(tp: int, dp: int, pp: int) -> dict[str, list[list[int]]]:
+    """Every group of each kind as lists of global ranks (pure function, unit-testable)."""
+    tp_groups = [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)]
+    dp_groups = [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    pp_groups = [[rank_of(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    mp_groups = [
+        [rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp)] for d in range(dp)
+    ]
+    emb_groups = [sorted({g[0], g[-1]}) for g in pp_groups]
+    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "mp": mp_groups, "embedding": emb_groups}
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialise the default process group from torchrun's environment, if launched by torchrun."""
+    if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+
+
+def initialize_parallel_state(config: ParallelConfig, num_layers_per_vpp_chunks: int = 1) -> ParallelState:
+    """Create every TP/PP/DP group (collectively, in the same order on all ranks) and return this rank's."""
+    if not dist.is_initialized():
+        if config.tensor_model_parallel_size * config.pipeline_model_parallel_size != 1:
+            raise ValueError(
+                "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need a torchrun launch "
+                "(torch.distributed is not initialised)"
+            )
+        return ParallelState.single()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    dp = config.data_parallel_size(world)
+    tp_rank, dp_rank, pp_rank = coordinates_of(rank, tp, dp)
+    state = ParallelState(
+        tp_size=tp, pp_size=pp, dp_size=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+        rank=rank, world_size=world, virtual_pp_size=num_layers_per_vpp_chunks,
+    )
+    groups = group_ranks(tp, dp, pp)
+    for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"),
+                       ("mp", "model_parallel_group"), ("embedding", "embedding_group")):
+        for ranks in groups[kind]:
+            group = dist.new_group(ranks)  # collective: every rank creates every group
+            if rank in ranks:
+                setattr(state, attr, group)
+                if kind == "pp":
+                    state.pp_ranks = ranks
+    return state
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)

@@ -1,0 +1,38 @@
+# megatron_eff — the targets the README names.
+#   make quickstart   venv + tokenizer + preprocessing + tiny LLaMA pretraining on CPU + a generated sample
+#   make test         the whole test suite (what CI runs)
+#   make lint         ruff
+#   make bench        benchmarks that print measured figures
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: venv quickstart test test-fast lint bench clean
+
+venv: $(VENV)/.installed
+
+# torch is installed first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $@
+
+quickstart: venv
+	PY=$(PY) bash examples/quickstart.sh
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf work_dirs runs

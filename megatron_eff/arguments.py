@@ -1,0 +1,192 @@
+"""Command-line flags (Megatron-LM names) -> `Config`. The only module that knows argparse.
+
+Model-shape flags default to "not given" so `--model-preset NAME` fills the shape and any explicit flag
+overrides it. Every error names the flag and the value and is raised before any process-group work.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_eff.config import (
+    MODEL_PRESETS,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+
+# dest -> (ModelConfig field). Flags whose dest equals the field are listed by name.
+_MODEL_FIELDS = [
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
+    "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "position_embedding_type",
+    "rotary_base", "normalization", "norm_epsilon", "swiglu", "init_method_std", "attention_dropout",
+    "hidden_dropout", "recompute_activations", "transformer_impl", "untie_embeddings_and_output_weights",
+]
+
+
+def _model_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), help="fill the shape from the sizes table")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true", help="use --num-query-groups K/V heads")
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--vocab-size", type=int, help="default: the tokenizer's vocabulary size")
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float)
+    g.add_argument("--swiglu", action="store_true", default=None)
+    g.add_argument("--disable-bias-linear", action="store_true", default=None)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float)
+    g.add_argument("--recompute-activations", action="store_true", default=None)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"])
+
+
+def _parallel_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
+                   help="elements per data-parallel gradient bucket (default 40M, as Megatron-LM)")
+
+
+def _training_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, help="default: micro-batch size x data-parallel size")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max global grad norm (0 disables)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="BF16 autocast, FP32 master weights")
+    g.add_argument("--fp16", action="store_true", help="FP16 autocast, FP32 master weights")
+    g.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many consecutive NaN/inf losses or grad norms (each is skipped)")
+
+
+def _data_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[], help="[W1] PREFIX1 [W2] PREFIX2 ...")
+    g.add_argument("--mock-data", action="store_true", help="synthetic random tokens (no --data-path)")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions over documents")
+    g.add_argument("--tokenizer-type", default="NullTokenizer",
+                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"])
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--num-workers", type=int, default=0)
+
+
+def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpointing and logging")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: guessed from device)")
+    g.add_argument("--exit-interval", type=int, help="exit after the iteration divisible by this")
+    g.add_argument("--exit-duration-in-mins", type=float)
+    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py",
+        description="megatron_eff pretraining (GPT-2 and LLaMA shapes). Flags follow Megatron-LM.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for add in (_model_group, _parallel_group, _training_group, _data_group, _checkpoint_logging_group):
+        add(parser)
+    return parser
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = None) -> ModelConfig:
+    """Preset (if any), then every explicitly given model flag on top."""
+    values: dict = dict(MODEL_PRESETS[args.model_preset]) if args.model_preset else {}
+    for name in _MODEL_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    if args.disable_bias_linear:
+        values["add_bias_linear"] = False
+    if args.num_query_groups is not None and not args.group_query_attention:
+        raise ValueError("--num-query-groups needs --group-query-attention")
+    if args.vocab_size is None and vocab_size is not None:
+        values["vocab_size"] = vocab_size
+    return ModelConfig(**values)
+
+
+def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) -> Config:
+    """All dataclasses from parsed flags. `vocab_size` comes from the tokenizer when one is used."""
+    return Config(
+        model=model_config_from_args(args, vocab_size),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+            sequence_parallel=args.sequence_parallel,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            ddp_bucket_size=args.ddp_bucket_size,
+        ),
+        optim=OptimizerConfig(
+            lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
+            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        ),
+        train=TrainConfig(
+            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+            train_iters=args.train_iters, seed=args.seed, bf16=args.bf16, fp16=args.fp16,
+            eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
+            max_bad_steps=args.max_bad_steps, exit_interval=args.exit_interval,
+            exit_duration_in_mins=args.exit_duration_in_mins, exit_signal_handler=args.exit_signal_handler,
+        ),
+        data=DataConfig(
+            data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
+            data_cache_path=args.data_cache_path, num_workers=args.num_workers, mock_data=args.mock_data,
+        ),
+        checkpoint=CheckpointConfig(
+            save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,
+            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+        ),
+        logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops),
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)

@@ -1,0 +1,313 @@
+"""Atomic, reshardable checkpoints with `torch.distributed.checkpoint` (DCP).
+
+Layout of `--save DIR`:
+
+    DIR/iter_0000020/            one checkpoint (DCP shards + .metadata)
+        meta.json                iteration, consumed samples, parallel layout, the run's config
+        rng/rank_00000.pt        python / numpy / torch (/ cuda) RNG states of each rank
+    DIR/latest_checkpointed_iteration.txt   tracker, written last
+
+A checkpoint is written into `iter_N.tmp` and renamed only when every rank has finished, and the tracker
+is replaced after the rename, so a crash mid-save never leaves a checkpoint that looks complete.
+
+Resharding: tensors are keyed by *global* names (`model.<name>`, `optimizer.<name>.exp_avg`, ...) and
+carry their *global* shape. A TP-sharded parameter (and its AdamW moments) is saved as a DTensor over the
+TP group with `Shard(param.partition_dim)` (QKV rows per query group and the vocab-parallel embedding on
+dim 0, SwiGLU's `[2, ffn, h]` fc1 on dim 1, row-parallel weights on dim 1), so every rank writes its own
+piece with its global offset and DCP reassembles any other TP/PP/DP layout on load. Replicated tensors
+(and the identical pieces of data-parallel replicas) are written once: DCP dedups them. The tied output
+layer on the last pipeline stage is keyed as the word embedding it copies. The vocabulary padding depends
+on TP: a padded table of another size is read whole and its rows copied (extra rows are padding, never
+used). The distributed optimizer's moments are gathered back to per-parameter tensors first, so the
+optimizer state is layout-free too. RNG states are restored only when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from megatron_eff.parallel.data_parallel import DistributedOptimizer
+from megatron_eff.parallel.state import ParallelState
+
+TRACKER = "latest_checkpointed_iteration.txt"
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
+VOCAB_PADDED = (WORD_EMBEDDING, "output_layer.weight")  # rows padded to a multiple of 128 x TP
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides weights and optimizer to continue exactly."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _no_dist() -> bool:
+    return not dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes a single process' even when told so with no_dist=True."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_state(named_params: dict[str, torch.nn.Parameter], optimizer) -> dict:
+    """Name-keyed AdamW state per parameter (TP-local shapes); moments that do not exist yet are created as
+    zeros so loading fills them. The distributed optimizer's shards are gathered (collective over DP)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        gathered = optimizer.gathered_state()
+        return {name: gathered[param] for name, param in named_params.items() if param in gathered}
+    state = {}
+    for name, param in named_params.items():
+        slot = optimizer.state[param]
+        if not slot:
+            slot["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            slot["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            slot["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state[name] = {key: slot[key] for key in ("step", "exp_avg", "exp_avg_sq")}
+    return state
+
+
+def _checkpoint_name(name: str, param: torch.nn.Parameter) -> str:
+    """The global key of a parameter: the last stage's tied copy is the word embedding."""
+    return WORD_EMBEDDING if name == "output_layer.weight" and getattr(param, "shared_embedding", False) else name
+
+
+def _entries(named_params, optimizer) -> list[tuple[str, torch.Tensor, torch.nn.Parameter]]:
+    """(global key, local tensor, its parameter) for every tensor a checkpoint holds."""
+    entries = [(f"model.{_checkpoint_name(n, p)}", p.detach(), p) for n, p in named_params.items()]
+    if optimizer is not None:
+        for name, slots in _optimizer_state(named_params, optimizer).items():
+            key = _checkpoint_name(name, named_params[name])
+            entries += [(f"optimizer.{key}.{sub}", tensor, named_params[name]) for sub, tensor in slots.items()]
+    return entries
+
+
+_MESHES: dict[int, DeviceMesh] = {}
+
+
+def _tp_mesh(pstate: ParallelState | None) -> DeviceMesh | None:
+    if pstate is None or pstate.tp_size == 1 or not dist.is_initialized():
+        return None
+    key = id(pstate.tp_group)
+    if key not in _MESHES:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        _MESHES[key] = DeviceMesh.from_group(pstate.tp_group, device)
+    return _MESHES[key]
+
+
+def _global_shape(tensor: torch.Tensor, param: torch.nn.Parameter) -> tuple[int, ...]:
+    return () if tensor.ndim == 0 else tuple(getattr(param, "full_shape", tensor.shape))
+
+
+def _global_view(tensor: torch.Tensor, param: torch.nn.Parameter, mesh: DeviceMesh | None):
+    """The local tensor as a piece of the global tensor (a DTensor sharded over TP), sharing storage."""
+    dim = getattr(param, "partition_dim", None)
+    if mesh is None or dim is None or tensor.ndim == 0:
+        return tensor
+    shape = torch.Size(_global_shape(tensor, param))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(tensor, mesh, [Shard(dim)], run_check=False, shape=shape, stride=stride)
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    root: str,
+    train_state: TrainState,
+    named_params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer | DistributedOptimizer | None,
+    run_config: dict,
+    layout: dict,
+    pstate: ParallelState | None = None,
+) -> str:
+    """Write `root/iter_N` atomically; returns its path. Collective: every rank calls it."""
+    final = checkpoint_dir(root, train_state.iteration)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    mesh = _tp_mesh(pstate)
+    state = {}
+    for key, tensor, param in _entries(named_params, optimizer):
+        state.setdefault(key, _global_view(tensor, param, mesh))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if _rank() == 0:
+        meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,
+                "has_optimizer": optimizer is not None}
+        _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
+    _barrier()
+    if _rank() == 0:
+        if os.path.exists(final):  # re-saving the same iteration: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(root, TRACKER), str(train_state.iteration))
+    _barrier()
+    return final
+
+
+def find_checkpoint(root: str) -> str | None:
+    """The checkpoint the tracker points to, `root` itself if it is a checkpoint, or None."""
+    if os.path.exists(os.path.join(root, "meta.json")):
+        return root
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.exists(tracker):
+        return None
+    text = open(tracker).read().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise ValueError(f"--load {root}: tracker {tracker} does not hold an iteration number: {text!r}") from None
+    path = checkpoint_dir(root, iteration)
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        raise FileNotFoundError(f"--load {root}: tracker names iteration {iteration} but {path} is missing")
+    return path
+
+
+def _is_vocab_rows(key: str, saved: tuple, wanted: tuple) -> bool:
+    """A vocab-padded table (or its moments) padded for another TP size: same width, other row count."""
+    name = key.split(".", 1)[1]
+    return any(name.startswith(v) for v in VOCAB_PADDED) and len(saved) == len(wanted) == 2 and saved[1] == wanted[1]
+
+
+def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
+    """The DCP load dict (pieces of the global tensors, in place where possible) and the row copies
+    still to do; fails with the tensor's name and both shapes before DCP touches anything."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state, copies = {}, []
+    for key, tensor, param in entries:
+        if key not in saved:
+            raise ValueError(f"checkpoint {path} has no tensor {key!r} that the model needs")
+        saved_shape, wanted = tuple(saved[key].size), _global_shape(tensor, param)
+        if key in state:  # a second local copy of the same global tensor
+            copies.append((key, tensor, None))
+        elif saved_shape == wanted:
+            state[key] = _global_view(tensor, param, mesh)
+        elif _is_vocab_rows(key, saved_shape, wanted):
+            state[key] = torch.empty(saved_shape, dtype=tensor.dtype, device=tensor.device)
+            copies.append((key, tensor, param))
+        else:
+            raise ValueError(
+                f"checkpoint {path}: tensor {key!r} has shape {saved_shape}, the model expects {wanted}"
+            )
+    return state, copies
+
+
+@torch.no_grad()
+def _apply_copies(state: dict, copies: list, pstate: ParallelState | None) -> None:
+    for key, tensor, param in copies:
+        source = state[key]
+        if param is None:  # duplicate: the loaded local tensor already has the right shape
+            tensor.copy_(source.to_local() if isinstance(source, DTensor) else source)
+            continue
+        rows = tensor.shape[0]
+        start = (pstate.tp_rank if pstate is not None else 0) * rows
+        n = max(0, min(rows, source.shape[0] - start))
+        tensor[:n] = source[start:start + n]
+        tensor[n:] = 0.0  # rows past the saved table are vocabulary padding
+
+
+def load_checkpoint(
+    root: str,
+    named_params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer | DistributedOptimizer | None,
+    *,
+    finetune: bool = False,
+    load_optim: bool = True,
+    load_rng: bool = True,
+    layout: dict | None = None,
+    pstate: ParallelState | None = None,
+) -> TrainState:
+    """Load weights (and optimizer, RNG, position unless told not to) in place, whatever the layout the
+    checkpoint was written with; returns the train state. Collective: every rank calls it."""
+    path, meta = read_meta(root)
+    with_optim = optimizer is not None and load_optim and not finetune
+    if with_optim and not meta.get("has_optimizer", True):
+        raise ValueError(f"--load {path}: checkpoint holds no optimizer state (use --no-load-optim)")
+    entries = _entries(named_params, optimizer if with_optim else None)
+    state, copies = _load_plan(path, entries, _tp_mesh(pstate))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    _apply_copies(state, copies, pstate)
+    if with_optim and isinstance(optimizer, DistributedOptimizer):
+        by_param: dict = {}
+        for key, tensor, param in entries:
+            if key.startswith("optimizer."):
+                by_param.setdefault(param, {})[key.rsplit(".", 1)[1]] = tensor
+        optimizer.load_gathered_state(by_param)
+    if finetune:
+        return TrainState()
+    same_layout = layout is None or meta.get("layout") == layout
+    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    if load_rng and same_layout and os.path.exists(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(**meta["train_state"])
+
+
+def read_meta(root: str) -> tuple[str, dict]:
+    """(checkpoint path, its meta.json) for `root` (a run directory or one checkpoint)."""
+    path = find_checkpoint(root)
+    if path is None:
+        raise FileNotFoundError(f"--load {root}: no checkpoint there (no {TRACKER} and no meta.json)")
+    with open(os.path.join(path, "meta.json")) as f:
+        return path, json.load(f)

@@ -1,0 +1,72 @@
+"""AdamW with decoupled weight decay on matrices only, and the global gradient norm / clipping.
+
+Parameters stay FP32 (they are the master weights); BF16/FP16 enter only through autocast. Torch's fused
+AdamW is used where the device supports it (it is also the fastest on CPU). With
+`--use-distributed-optimizer` the same AdamW runs on this data-parallel rank's shard only
+(`parallel/data_parallel.DistributedOptimizer`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_eff.config import OptimizerConfig
+from megatron_eff.parallel.data_parallel import DistributedOptimizer, GradSync
+
+
+def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norm weights and 1-D parameters are not decayed (Megatron / GPT-2 practice)."""
+    return param.ndim < 2 or name.endswith(".bias") or "layernorm" in name or "norm." in name
+
+
+def build_optimizer(named_params, config: OptimizerConfig, grad_sync: GradSync | None = None):
+    """AdamW over two groups (decayed matrices, undecayed biases/norms). With a sharding `grad_sync`
+    (`--use-distributed-optimizer`) it is the ZeRO-1 `DistributedOptimizer` over this rank's shard."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if param.requires_grad:
+            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    device = (decay + no_decay)[0].device
+    adam = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                fused=device.type in ("cuda", "cpu"))
+    if grad_sync is not None and grad_sync.shard:
+        return DistributedOptimizer(groups, grad_sync, **adam)
+    return torch.optim.AdamW(groups, **adam)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def global_grad_norm(params, norm_group=None, is_owner=None) -> float:
+    """L2 norm of all gradients across the model-parallel group.
+
+    `is_owner(param)` tells whether this rank counts a parameter (replicated TP parameters and tied
+    copies are counted once); `norm_group` is the group that holds the model's pieces (TP x PP).
+    """
+    grads = [p.grad for p in params if p.grad is not None and (is_owner is None or is_owner(p))]
+    if grads:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) ** 2
+    else:
+        total = torch.zeros(())
+    if norm_group is not None and dist.get_world_size(norm_group) > 1:
+        dist.all_reduce(total, group=norm_group)
+    return math.sqrt(total.item())
+
+
+@torch.no_grad()
+def clip_gradients(params, max_norm: float, total_norm: float) -> None:
+    """Scale all gradients so the global norm is at most `max_norm` (no-op when it already is)."""
+    if max_norm <= 0 or not math.isfinite(total_norm) or total_norm <= max_norm:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, max_norm / (total_norm + 1e-6))

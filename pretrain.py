@@ -1,0 +1,38 @@
+"""Pretrain a GPT-2- or LLaMA-shaped model with Megatron-LM flags.
+
+    python pretrain.py --model-preset llama-tiny --data-path data/quickstart/shakespeare_text_document \
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --train-iters 200 --save ckpt
+    torchrun --nproc_per_node 8 pretrain.py --tensor-model-parallel-size 2 ...
+
+`python pretrain.py --help` lists every flag.
+"""
+
+import sys
+
+from megatron_eff.arguments import config_from_args, parse_args
+from megatron_eff.training.loop import pretrain
+
+
+def tokenizer_vocab_size(args) -> int | None:
+    """The tokenizer's vocabulary size, which sets the model's (before padding) unless --vocab-size is given."""
+    if args.vocab_size is not None or args.tokenizer_type == "NullTokenizer":
+        return None
+    from megatron_eff.data.tokenizer import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                           merge_file=args.merge_file).vocab_size
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args, tokenizer_vocab_size(args))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    pretrain(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

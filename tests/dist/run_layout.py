@@ -1,0 +1,87 @@
+"""Run a few training iterations under any layout and dump what parity tests compare.
+
+    torchrun --nproc_per_node 4 tests/dist/run_layout.py OUT.pt -- --tensor-model-parallel-size 2 ...
+    python tests/dist/run_layout.py OUT.pt -- ...        (single-process reference)
+
+Writes `OUT.pt` (from global rank 0) = {"losses": [...], "params": {global_name: full fp32 tensor},
+"optimizer_numel": [per rank]}: the per-iteration losses, every parameter reassembled across TP shards and
+PP stages, and how many optimizer-state elements each rank holds; plus "tied_copies" = {"output_layer.weight":
+full tensor} when a last pipeline stage holds a copy of the tied embedding.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_eff.arguments import config_from_args, parse_args  # noqa: E402
+from megatron_eff.training import loop  # noqa: E402
+
+
+def full_tensor(param: torch.Tensor, pstate) -> torch.Tensor:
+    """All-gather a TP shard along its partition dim (replicated params are returned as they are)."""
+    dim = getattr(param, "partition_dim", None)
+    if dim is None or pstate.tp_size == 1:
+        return param.detach().clone()
+    parts = [torch.empty_like(param) for _ in range(pstate.tp_size)]
+    dist.all_gather(parts, param.detach().contiguous(), group=pstate.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def optimizer_state_numel(optimizer) -> int:
+    """Elements of AdamW moments this rank holds (the distributed optimizer holds ~1/dp of them)."""
+    return sum(t.numel() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+
+
+def main() -> None:
+    out, flags = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+    captured = {}
+    real_pretrain_models = loop.build_model
+
+    def capture(config, pstate, device):
+        models = real_pretrain_models(config, pstate, device)
+        captured["models"], captured["pstate"] = models, pstate
+        return models
+
+    loop.build_model = capture
+    real_build_optimizer = loop.build_optimizer
+
+    def capture_optimizer(*args, **kwargs):
+        captured["optimizer"] = real_build_optimizer(*args, **kwargs)
+        return captured["optimizer"]
+
+    loop.build_optimizer = capture_optimizer
+    result = loop.pretrain(config_from_args(parse_args(flags)))
+    pstate = captured["pstate"]
+    models = captured["models"] if isinstance(captured["models"], list) else [captured["models"]]
+    params, tied_copies = {}, {}
+    for model in models:
+        for name, p in model.named_parameters():
+            if getattr(p, "shared_embedding", False) and name == "output_layer.weight":
+                tied_copies[name] = full_tensor(p, pstate)  # the last stage's copy of the tied embedding
+                continue
+            params[name] = full_tensor(p, pstate)
+    if dist.is_initialized() and pstate.pp_size > 1:
+        gathered = [None] * pstate.pp_size
+        dist.all_gather_object(gathered, (params, tied_copies), group=pstate.pp_group)
+        params = {k: v for stage, _ in gathered for k, v in stage.items()}
+        tied_copies = {k: v for _, copies in gathered for k, v in copies.items()}
+    optimizer_numel = [optimizer_state_numel(captured["optimizer"])]
+    if dist.is_initialized():
+        optimizer_numel = [None] * dist.get_world_size()
+        dist.all_gather_object(optimizer_numel, optimizer_state_numel(captured["optimizer"]))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({"losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
+                    "tied_copies": tied_copies}, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

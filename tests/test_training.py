@@ -1,0 +1,109 @@
+"""Training loop behaviour: exact resume, checkpoint errors and atomicity, NaN skipping, CLI validation."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_eff.arguments import config_from_args, parse_args
+from megatron_eff.parallel.state import ParallelState
+from megatron_eff.training import loop
+from megatron_eff.training.checkpointing import TRACKER, TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model-preset", "llama-tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--seq-length", "32", "--max-position-embeddings", "32", "--lr", "1e-3", "--lr-warmup-iters", "3",
+        "--log-interval", "5", "--eval-interval", "1000", "--eval-iters", "0"]
+
+
+def run(*flags):
+    return loop.pretrain(config_from_args(parse_args([*TINY, *flags])))
+
+
+def test_resume_is_exact(tmp_path):
+    straight = run("--train-iters", "20", "--save", str(tmp_path / "a"))
+    first = run("--train-iters", "20", "--exit-interval", "10", "--save", str(tmp_path / "b"))
+    assert first.state.iteration == 10
+    second = run("--train-iters", "20", "--load", str(tmp_path / "b"), "--save", str(tmp_path / "b"))
+    assert first.losses + second.losses == straight.losses  # bitwise equal, not approximately
+    assert second.state.consumed_train_samples == straight.state.consumed_train_samples == 80
+    a = torch.load(tmp_path / "a" / "iter_0000020" / "rng" / "rank_00000.pt", weights_only=False)["torch"]
+    b = torch.load(tmp_path / "b" / "iter_0000020" / "rng" / "rank_00000.pt", weights_only=False)["torch"]
+    assert torch.equal(a, b)
+
+
+def _model(hidden=64):
+    cfg = config_from_args(parse_args([*TINY, "--hidden-size", str(hidden)]))
+    (model,) = loop.build_model(cfg, ParallelState.single(), torch.device("cpu"))  # one chunk without PP
+    return model
+
+
+def test_checkpoint_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    small = _model(64)
+    save_checkpoint(str(tmp_path), TrainState(iteration=1), dict(small.named_parameters()), None, {}, {})
+    big = _model(128)
+    with pytest.raises(ValueError, match=r"embedding\.word_embeddings\.weight.*\(256, 64\).*\(256, 128\)"):
+        load_checkpoint(str(tmp_path), dict(big.named_parameters()), None)
+
+
+def test_save_is_atomic_and_tracked(tmp_path):
+    model = _model()
+    params = dict(model.named_parameters())
+    save_checkpoint(str(tmp_path), TrainState(iteration=3), params, None, {}, {})
+    os.makedirs(tmp_path / "iter_0000004.tmp")  # an interrupted save leaves only a .tmp directory
+    assert (tmp_path / TRACKER).read_text() == "3"
+    assert find_checkpoint(str(tmp_path)).endswith("iter_0000003")
+    with torch.no_grad():
+        for p in params.values():
+            p.zero_()
+    state = load_checkpoint(str(tmp_path), params, None)
+    assert state.iteration == 3 and any(p.abs().sum() > 0 for p in params.values())
+    with pytest.raises(FileNotFoundError, match="--load"):
+        load_checkpoint(str(tmp_path / "nothing"), params, None)
+
+
+def test_non_finite_steps_are_skipped_then_stop(monkeypatch, tmp_path):
+    real_build = loop.build_model
+
+    def poisoned(config, pstate, device):
+        model = real_build(config, pstate, device)
+        with torch.no_grad():
+            model[0].embedding.word_embeddings.weight[:, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned)
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite steps"):
+        run("--train-iters", "10", "--max-bad-steps", "3")
+
+
+def test_skipped_step_leaves_weights_untouched():
+    cfg = config_from_args(parse_args([*TINY, "--train-iters", "1"]))
+    (model,) = loop.build_model(cfg, ParallelState.single(), torch.device("cpu"))
+    optimizer = loop.build_optimizer(model.named_parameters(), cfg.optim)
+    tokens = torch.randint(0, 256, (2, 32))
+    batch = {"tokens": tokens, "labels": tokens}
+    with torch.no_grad():
+        model.decoder.final_layernorm.weight[0] = float("inf")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = loop.train_step(model, optimizer, iter([batch]), 1, cfg, ParallelState.single(), 1e-3,
+                             loop.autocast_context(cfg, torch.device("cpu")))
+    assert result.skipped
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) or not torch.isfinite(before[n]).all(), n
+
+
+def test_bf16_autocast_trains():
+    result = run("--train-iters", "3", "--bf16", "--seq-length", "16", "--max-position-embeddings", "16")
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_cli_rejects_bad_layout_before_any_work():
+    proc = subprocess.run(
+        [sys.executable, "pretrain.py", *TINY, "--tensor-model-parallel-size", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3" in proc.stderr

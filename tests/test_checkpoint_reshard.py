@@ -10,13 +10,10 @@ from __future__ import annotations
 import pytest
 import torch.distributed.checkpoint as dcp
 
-from megatron_eff.parallel import pipeline
 from tests.dist_utils import GPT_TINY_FLAGS, TINY_FLAGS, run_layout
 
 pytestmark = pytest.mark.slow
 
-# The pipeline schedules (1F1B / interleaved) live next to the no-pipelining one once they exist.
-PIPELINE_READY = len([name for name in dir(pipeline) if name.startswith("forward_backward")]) > 1
 SAVE_AT_3 = ["--exit-interval", "3"]
 
 
@@ -33,16 +30,15 @@ def assert_resumed(resumed: dict, straight: dict, vocab_size: int = 200) -> None
         assert diff <= 1e-5, f"{name}: max abs diff {diff}"
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("ref") / "straight.pt", TINY_FLAGS)
+@pytest.fixture
+def straight(llama_reference):
+    return llama_reference  # the straight 5-iteration single-process run
 
 
 SAVE_LAYOUTS = [
     pytest.param(["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce"],
                  id="tp2-dp2-distopt"),
-    pytest.param(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], id="tp2-pp2",
-                 marks=pytest.mark.skipif(not PIPELINE_READY, reason="pipeline schedules not available yet")),
+    pytest.param(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], id="tp2-pp2"),
 ]
 
 

@@ -10,13 +10,12 @@ import sys
 import pytest
 import torch
 
-from tests.dist_utils import HARNESS, ROOT, TINY_FLAGS, assert_same_run, free_port, run_layout
+from tests.dist_utils import HARNESS, ROOT, TINY_FLAGS, assert_same_run, free_port
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_match_single_process(tmp_path):
-    reference = run_layout(tmp_path / "reference.pt", TINY_FLAGS)
+def test_two_nodes_match_single_process(tmp_path, llama_reference):
     out = tmp_path / "two_nodes.pt"
     flags = [*TINY_FLAGS, "--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -40,4 +39,4 @@ def test_two_nodes_match_single_process(tmp_path):
                 launcher.kill()
     for node, (launcher, log) in enumerate(zip(launchers, logs)):
         assert launcher.returncode == 0, f"node {node} failed:\n{log[-6000:]}"
-    assert_same_run(torch.load(out, weights_only=False), reference)
+    assert_same_run(torch.load(out, weights_only=False), llama_reference)

@@ -22,16 +22,6 @@ TP2 = ["--tensor-model-parallel-size", "2"]
 SMALL_BUCKETS = ["--overlap-grad-reduce", "--ddp-bucket-size", "4000"]  # several buckets on the tiny model
 
 
-@pytest.fixture(scope="module")
-def llama_reference(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("ref") / "llama.pt", TINY_FLAGS)
-
-
-@pytest.fixture(scope="module")
-def gpt_reference(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("ref") / "gpt.pt", GPT_TINY_FLAGS)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, flags, nproc",

@@ -150,17 +150,8 @@ def test_simulation_catches_a_deadlock():
         _simulate(singles, 2, 2)
 
 
-# A tight --clip-grad makes every step clip, so the final parameters also check the global grad norm
-# (summed over TP x PP, replicated TP params and the tied embedding copy counted once).
-LLAMA = [*TINY_FLAGS, "--clip-grad", "0.01"]
-GPT = [*GPT_TINY_FLAGS, "--clip-grad", "0.01"]
-
-
-@pytest.fixture(scope="module")
-def llama_reference(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("ref") / "llama.pt", LLAMA)
-
-
+# TINY_FLAGS / GPT_TINY_FLAGS clip every step (--clip-grad 0.05), so the final parameters also check the
+# global grad norm (summed over TP x PP, replicated TP params and the tied embedding copy counted once).
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, flags, nproc",
@@ -175,16 +166,15 @@ def llama_reference(tmp_path_factory):
     ],
 )
 def test_llama_pipeline_layouts_match_single_process(tmp_path, llama_reference, name, flags, nproc):
-    run = run_layout(tmp_path / f"{name}.pt", [*LLAMA, *flags], nproc)
+    run = run_layout(tmp_path / f"{name}.pt", [*TINY_FLAGS, *flags], nproc)
     assert_same_run(run, llama_reference)
 
 
 @pytest.mark.slow
-def test_gpt_pp2_tied_embedding_matches_single_process(tmp_path):
+def test_gpt_pp2_tied_embedding_matches_single_process(tmp_path, gpt_reference):
     """Tied embeddings across stages: the last stage's output-layer copy gets the summed gradient, so after
     5 steps it still equals the first stage's embedding, and the run equals the single-process one."""
-    reference = run_layout(tmp_path / "ref.pt", GPT)
-    run = run_layout(tmp_path / "pp2.pt", [*GPT, *PP2], 2)
-    assert_same_run(run, reference)
+    run = run_layout(tmp_path / "pp2.pt", [*GPT_TINY_FLAGS, *PP2], 2)
+    assert_same_run(run, gpt_reference)
     copy = run["tied_copies"]["output_layer.weight"]
     assert torch.equal(copy, run["params"]["embedding.word_embeddings.weight"])

@@ -1,0 +1,16 @@
+"""Shared fixtures: the single-process reference runs every multi-process parity test compares against
+(computed once per test session)."""
+
+import pytest
+
+from tests.dist_utils import GPT_TINY_FLAGS, TINY_FLAGS, run_layout
+
+
+@pytest.fixture(scope="session")
+def llama_reference(tmp_path_factory):
+    return run_layout(tmp_path_factory.mktemp("ref") / "llama.pt", TINY_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def gpt_reference(tmp_path_factory):
+    return run_layout(tmp_path_factory.mktemp("ref") / "gpt.pt", GPT_TINY_FLAGS)

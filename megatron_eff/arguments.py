@@ -15,8 +15,10 @@ from megatron_eff.config import (
     DataConfig,
     LoggingConfig,
     ModelConfig,
+    MSTConfig,
     OptimizerConfig,
     ParallelConfig,
+    PrecisionConfig,
     TrainConfig,
 )
 
@@ -122,13 +124,100 @@ def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _mst_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("MST: mixed sparsity training (METHODS.md section 1)")
+    g.add_argument("--mst", action="store_true", help="train with MST: warm-up, ultra-sparse, restoration phases")
+    g.add_argument("--mst-phase-iters", type=_int_list, metavar="WARM,ULTRA,RESTORE",
+                   help="phase lengths in iterations (default: --mst-phase-fractions of --train-iters)")
+    g.add_argument("--mst-phase-fractions", type=_float_list, default=(0.25, 0.5, 0.25),
+                   metavar="WARM,ULTRA,RESTORE", help="phase lengths as fractions of --train-iters")
+    g.add_argument("--mst-max-sparsity", type=float, default=0.9, help="sparsity of the ultra-sparse phase")
+    g.add_argument("--mst-schedule", choices=["staircase", "linear", "cubic"], default="staircase",
+                   help="shape of the sparsity ramps of warm-up and restoration")
+    g.add_argument("--mst-schedule-steps", type=int, default=4, help="stairs per ramp (staircase schedule)")
+    g.add_argument("--mst-update-interval", type=int, default=100,
+                   help="iterations between topology updates (capped to a quarter of the shortest phase)")
+    g.add_argument("--mst-drop-fraction", type=float, default=0.3,
+                   help="zeta: fraction of active weights dropped, cosine-decayed over the run")
+    g.add_argument("--mst-grow-grad-random-ratio", type=float, default=3.0,
+                   help="r: r/(r+1) of the grown weights by gradient, the rest at random")
+    g.add_argument("--mst-distribution", choices=["er", "uniform"], default="er",
+                   help="per-layer density: Erdos-Renyi or the same for every layer")
+    g.add_argument("--mst-sparsify-head", action="store_true", help="also sparsify the output layer (tied: embedding)")
+    g.add_argument("--mst-reset-optimizer-state", action=argparse.BooleanOptionalAction, default=True,
+                   help="zero the AdamW moments of inactive and newly grown weights")
+    g.add_argument("--mst-hsa-pattern", choices=["none", "local", "strided", "sparse", "fixed"], default="sparse",
+                   help="hybrid sparse attention pattern inside its window (none: always dense causal)")
+    g.add_argument("--mst-hsa-window", type=int, help="pattern width/stride w (default: --seq-length / 8)")
+    g.add_argument("--mst-hsa-iters", type=_int_list, metavar="START,END",
+                   help="iterations [START, END) with sparse attention (default: the ultra-sparse phase)")
+    g.add_argument("--mst-hsa-layers", type=_int_list, metavar="I,J,...",
+                   help="global layer indices that use sparse attention (default: all)")
+
+
+def mst_config_from_args(args: argparse.Namespace) -> MSTConfig:
+    return MSTConfig(
+        enabled=args.mst, phase_iters=args.mst_phase_iters, phase_fractions=args.mst_phase_fractions,
+        max_sparsity=args.mst_max_sparsity, schedule=args.mst_schedule, schedule_steps=args.mst_schedule_steps,
+        update_interval=args.mst_update_interval, drop_fraction=args.mst_drop_fraction,
+        grow_grad_random_ratio=args.mst_grow_grad_random_ratio, distribution=args.mst_distribution,
+        sparsify_head=args.mst_sparsify_head, reset_optimizer_state=args.mst_reset_optimizer_state,
+        hsa_pattern=args.mst_hsa_pattern, hsa_window=args.mst_hsa_window, hsa_iters=args.mst_hsa_iters,
+        hsa_layers=args.mst_hsa_layers,
+    )
+
+
+def _precision_group(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("precision: FP8, FP16 loss scaling, Unit Scaling (megatron_eff/precision/)")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
+                   help="FP8 GEMMs: e4m3 everywhere, or hybrid (E4M3 forward, E5M2 gradients); TE with "
+                        "--transformer-impl transformer_engine, fake-quantised emulation with local")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+                   help="scaling: delayed (amax history), tensorwise (current amax), mxfp8 (1x32 blocks, "
+                        "power-of-two scales), blockwise (1x128 activations/grads, 128x128 weights)")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1024, help="delayed scaling: amax history steps")
+    g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="max")
+    g.add_argument("--fp8-margin", type=int, default=0, help="scale = fp8_max / amax / 2**margin")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="keep the first and the last transformer layer out of FP8")
+    g.add_argument("--loss-scale", type=float, help="static FP16 loss scale (default: dynamic loss scaling)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="dynamic loss scaling: start")
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="dynamic loss scaling: double the scale after this many steps without overflow")
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="dynamic loss scaling: overflows tolerated before the scale is halved")
+    g.add_argument("--unit-scaling", action="store_true",
+                   help="unit-scaled model (Blake et al. 2023): unit init, scaled ops, no loss scaling needed")
+    g.add_argument("--unit-scaling-residual-tau-attn", type=float, default=0.01,
+                   help="unit scaling: weight of the attention residual branch (v0.1 default)")
+    g.add_argument("--unit-scaling-residual-tau-mlp", type=float, default=0.5,
+                   help="unit scaling: weight of the MLP residual branch (v0.1 default)")
+
+
+def precision_config_from_args(args: argparse.Namespace) -> PrecisionConfig:
+    names = ["fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin",
+             "first_last_layers_bf16", "loss_scale", "initial_loss_scale", "loss_scale_window", "min_loss_scale",
+             "hysteresis", "unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp"]
+    return PrecisionConfig(**{name: getattr(args, name) for name in names})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain.py",
         description="megatron_eff pretraining (GPT-2 and LLaMA shapes). Flags follow Megatron-LM.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add in (_model_group, _parallel_group, _training_group, _data_group, _checkpoint_logging_group):
+    for add in (_model_group, _parallel_group, _training_group, _data_group, _checkpoint_logging_group,
+                _mst_group, _precision_group):
         add(parser)
     return parser
 
@@ -185,6 +274,8 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops),
+        mst=mst_config_from_args(args),
+        precision=precision_config_from_args(args),
     )
 
 

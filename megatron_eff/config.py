@@ -333,6 +333,162 @@ class LoggingConfig:
 
 
 @dataclass
+class MSTConfig:
+    """Mixed Sparsity Training (`--mst-*`; METHODS.md section 1). Phases are given as iterations
+    (`phase_iters`) or as fractions of `--train-iters` (`phase_fractions`); `megatron_eff.sparsity.mst`
+    resolves them against the run length."""
+
+    enabled: bool = False
+    phase_iters: tuple[int, int, int] | None = None  # warm-up, ultra-sparse, restoration
+    phase_fractions: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    max_sparsity: float = 0.9
+    schedule: str = "staircase"  # staircase | linear | cubic
+    schedule_steps: int = 4  # stairs per ramp (staircase)
+    update_interval: int = 100
+    drop_fraction: float = 0.3
+    grow_grad_random_ratio: float = 3.0
+    distribution: str = "er"  # er | uniform
+    sparsify_head: bool = False
+    reset_optimizer_state: bool = True
+    hsa_pattern: str = "sparse"  # none | local | strided | sparse | fixed
+    hsa_window: int | None = None  # default: seq_length // 8 (128 at 1024)
+    hsa_iters: tuple[int, int] | None = None  # [start, end) iterations; default: the ultra-sparse phase
+    hsa_layers: tuple[int, ...] | None = None  # global layer indices; default: all
+
+    def __post_init__(self) -> None:
+        if self.phase_iters is not None:
+            _require(
+                len(self.phase_iters) == 3 and all(n >= 0 for n in self.phase_iters),
+                f"--mst-phase-iters needs three non-negative iteration counts WARM,ULTRA,RESTORE, got "
+                f"{self.phase_iters}",
+            )
+        _require(
+            len(self.phase_fractions) == 3 and all(f >= 0 for f in self.phase_fractions)
+            and sum(self.phase_fractions) <= 1 + 1e-9,
+            f"--mst-phase-fractions needs three fractions >= 0 summing to <= 1, got {self.phase_fractions}",
+        )
+        _require(0 <= self.max_sparsity < 1, f"--mst-max-sparsity must be in [0, 1), got {self.max_sparsity}")
+        _require(
+            self.schedule in ("staircase", "linear", "cubic"),
+            f"--mst-schedule must be staircase, linear or cubic, got {self.schedule!r}",
+        )
+        _require(self.schedule_steps >= 1, f"--mst-schedule-steps must be >= 1, got {self.schedule_steps}")
+        _require(self.update_interval >= 1, f"--mst-update-interval must be >= 1, got {self.update_interval}")
+        _require(0 <= self.drop_fraction < 1, f"--mst-drop-fraction must be in [0, 1), got {self.drop_fraction}")
+        _require(
+            self.grow_grad_random_ratio >= 0,
+            f"--mst-grow-grad-random-ratio must be >= 0, got {self.grow_grad_random_ratio}",
+        )
+        _require(
+            self.distribution in ("er", "uniform"),
+            f"--mst-distribution must be er or uniform, got {self.distribution!r}",
+        )
+        _require(
+            self.hsa_pattern in ("none", "local", "strided", "sparse", "fixed"),
+            f"--mst-hsa-pattern must be none, local, strided, sparse or fixed, got {self.hsa_pattern!r}",
+        )
+        if self.hsa_window is not None:
+            _require(self.hsa_window >= 1, f"--mst-hsa-window must be >= 1, got {self.hsa_window}")
+        if self.hsa_iters is not None:
+            _require(
+                len(self.hsa_iters) == 2 and 0 <= self.hsa_iters[0] <= self.hsa_iters[1],
+                f"--mst-hsa-iters needs START,END with 0 <= START <= END, got {self.hsa_iters}",
+            )
+
+    def check_run(self, model: ModelConfig, train: TrainConfig) -> None:
+        """Rules that need the model shape and the run length."""
+        if not self.enabled:
+            return
+        if self.phase_iters is not None:
+            _require(
+                sum(self.phase_iters) <= train.train_iters,
+                f"--mst-phase-iters {','.join(map(str, self.phase_iters))} sums to more than --train-iters "
+                f"{train.train_iters}",
+            )
+        window = self.hsa_window or max(1, model.seq_length // 8)
+        if self.hsa_pattern == "fixed":
+            _require(
+                model.seq_length % window == 0,
+                f"--mst-hsa-pattern fixed needs --seq-length {model.seq_length} divisible by --mst-hsa-window "
+                f"{window}",
+            )
+        for layer in self.hsa_layers or ():
+            _require(
+                0 <= layer < model.num_layers,
+                f"--mst-hsa-layers: layer {layer} is not in [0, --num-layers {model.num_layers})",
+            )
+
+
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
+
+@dataclass
+class PrecisionConfig:
+    """FP8 (TE or local emulation), FP16 loss scaling and Unit Scaling (`megatron_eff/precision/`).
+
+    `--bf16` / `--fp16` stay in `TrainConfig` (autocast); FP8 GEMMs run inside that autocast like TE's."""
+
+    fp8_format: str | None = None  # None: no FP8; e4m3 (fwd and bwd) | hybrid (E4M3 fwd, E5M2 bwd)
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"  # max | most_recent
+    fp8_margin: int = 0
+    first_last_layers_bf16: bool = False  # keep the first and last transformer layer out of FP8
+    loss_scale: float | None = None  # static FP16 loss scale; None: dynamic
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
+    hysteresis: int = 2
+    unit_scaling: bool = False
+    unit_scaling_residual_tau_attn: float = 0.01  # v0.1 defaults of the unit-scaling library (METHODS.md)
+    unit_scaling_residual_tau_mlp: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(
+            self.fp8_format is None or self.fp8_format in FP8_FORMATS,
+            f"--fp8-format must be one of {', '.join(FP8_FORMATS)}, got {self.fp8_format!r}",
+        )
+        _require(
+            self.fp8_recipe in FP8_RECIPES,
+            f"--fp8-recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}",
+        )
+        _require(self.fp8_amax_history_len >= 1,
+                 f"--fp8-amax-history-len must be >= 1, got {self.fp8_amax_history_len}")
+        _require(
+            self.fp8_amax_compute_algo in ("max", "most_recent"),
+            f"--fp8-amax-compute-algo must be max or most_recent, got {self.fp8_amax_compute_algo!r}",
+        )
+        _require(self.fp8_margin >= 0, f"--fp8-margin must be >= 0, got {self.fp8_margin}")
+        _require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
+        _require(self.loss_scale is None or self.loss_scale > 0,
+                 f"--loss-scale must be positive, got {self.loss_scale}")
+        _require(self.initial_loss_scale > 0, f"--initial-loss-scale must be positive, got {self.initial_loss_scale}")
+        _require(self.loss_scale_window >= 1, f"--loss-scale-window must be >= 1, got {self.loss_scale_window}")
+        _require(self.min_loss_scale > 0, f"--min-loss-scale must be positive, got {self.min_loss_scale}")
+        _require(self.hysteresis >= 1, f"--hysteresis must be >= 1, got {self.hysteresis}")
+        for name in ("unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp"):
+            tau = getattr(self, name)
+            _require(0.0 < tau < 1.0, f"--{name.replace('_', '-')} must be in (0, 1), got {tau}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.fp8_format is not None
+
+    def check_run(self, model: ModelConfig, train: TrainConfig) -> None:
+        """Rules between precision flags and the rest of the run."""
+        _require(not (self.fp8 and train.fp16),
+                 "--fp8-format runs its non-FP8 ops in BF16 or FP32: use --bf16 (or neither), not --fp16")
+        _require(self.loss_scale is None or train.fp16, "--loss-scale needs --fp16")
+        if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
+            block = 32 if self.fp8_recipe == "mxfp8" else 128
+            sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}
+            for flag, size in sizes.items():
+                _require(size % block == 0, f"--fp8-recipe {self.fp8_recipe} (local emulation) needs {flag} "
+                         f"divisible by its block size {block}, got {size}")
+
+
+@dataclass
 class Config:
     """Everything a run needs; `arguments.parse_args` builds it."""
 
@@ -343,9 +499,13 @@ class Config:
     data: DataConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    mst: MSTConfig = field(default_factory=MSTConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
+        self.mst.check_run(self.model, self.train)
+        self.precision.check_run(self.model, self.train)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

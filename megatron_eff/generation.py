@@ -1,13 +1,17 @@
 """Text generation from a trained model: greedy, temperature, top-k and top-p (nucleus) sampling.
 
-Single process, no KV cache yet: each new token re-runs the (short) context through the model, which is
-what the quickstart and small models need. Padded vocabulary entries (ids >= the tokenizer's vocabulary)
-are never sampled.
+Single process, with a KV cache (`InferenceCache`): the prompt is run once, then each new token is one
+position through the model. The context is at most the model's `seq_length` tokens: when it is full the
+window slides and the cache is rebuilt from the last `seq_length` tokens (exactly what the uncached path,
+`use_cache=False`, computes every step). Padded vocabulary entries (ids >= the tokenizer's vocabulary) are
+never sampled.
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_eff.model.inference_cache import InferenceCache
 
 
 def filter_logits(logits: torch.Tensor, vocab_size: int, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -37,18 +41,29 @@ def next_token(logits: torch.Tensor, vocab_size: int, *, temperature: float = 0.
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, vocab_size: int, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, eod: int | None = None, seed: int = 0) -> list[int]:
+             top_k: int = 0, top_p: float = 1.0, eod: int | None = None, seed: int = 0,
+             use_cache: bool = True) -> list[int]:
     """Continue `prompt_ids`; stops early at `eod`. The context is cut to the model's sequence length."""
+    if not prompt_ids:
+        raise ValueError("generate: the prompt needs at least one token")
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     max_context = model.config.seq_length
+    device = next(model.parameters()).device
+    cache = InferenceCache(max_context) if use_cache else None
     ids = list(prompt_ids)
+    pending = ids[-max_context:]  # tokens the model has not seen yet
     for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-max_context:]], dtype=torch.long)
-        logits = model(tokens=context)[:, -1]  # [1, v_padded]
+        if cache is not None and cache.offset + len(pending) > max_context:  # window full: slide it
+            cache.reset()
+            pending = ids[-max_context:]
+        context = torch.tensor([pending if cache is not None else ids[-max_context:]], dtype=torch.long,
+                               device=device)
+        logits = model(tokens=context, inference_cache=cache)[:, -1]  # [1, v_padded]
         token = next_token(logits, vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
                            generator=generator).item()
         ids.append(token)
+        pending = [token]
         if eod is not None and token == eod:
             break
     return ids[len(prompt_ids):]

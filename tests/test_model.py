@@ -207,54 +207,30 @@ def test_transformer_engine_backend_is_a_clear_error():
         GPTModel(config)
 
 
-def llama_state_dict_for_hf(model: GPTModel, config: ModelConfig) -> dict[str, torch.Tensor]:
-    nq, ng, d = config.num_attention_heads, config.num_query_groups, config.head_dim
-    per_group = nq // ng
-    ours = {n: p.detach() for n, p in model.named_parameters()}
-    hf = {"model.embed_tokens.weight": ours["embedding.word_embeddings.weight"],
-          "model.norm.weight": ours["decoder.final_layernorm.weight"],
-          "lm_head.weight": ours["output_layer.weight"]}
-    for i in range(config.num_layers):
-        p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = ours[p + "self_attention.linear_qkv.weight"].view(ng, per_group + 2, d, -1)
-        hf[q + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(nq * d, -1)
-        hf[q + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(ng * d, -1)
-        hf[q + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(ng * d, -1)
-        hf[q + "self_attn.o_proj.weight"] = ours[p + "self_attention.linear_proj.weight"]
-        gate, up = ours[p + "mlp.linear_fc1.weight"]
-        hf[q + "mlp.gate_proj.weight"], hf[q + "mlp.up_proj.weight"] = gate, up
-        hf[q + "mlp.down_proj.weight"] = ours[p + "mlp.linear_fc2.weight"]
-        hf[q + "input_layernorm.weight"] = ours[p + "input_layernorm.weight"]
-        hf[q + "post_attention_layernorm.weight"] = ours[p + "pre_mlp_layernorm.weight"]
-    return hf
+def huggingface_copy(model: GPTModel):
+    """The same weights in the `transformers` class the converter maps our shape to (megatron_eff.hf)."""
+    from megatron_eff.hf.mapping import build_hf_model, to_hf
+
+    return build_hf_model(*to_hf({n: p.detach() for n, p in model.named_parameters()}, model.config))
 
 
 def test_llama_logits_match_huggingface():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     config = preset("llama-tiny", num_attention_heads=8, num_query_groups=2, rotary_base=500.0)
     model = build(config).eval()
     with torch.no_grad():  # non-trivial norm weights so a swapped norm would show
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight"):
                 param.uniform_(0.5, 1.5)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.padded_vocab_size(1), hidden_size=config.hidden_size,
-        intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_query_groups,
-        max_position_embeddings=config.seq_length, rms_norm_eps=config.norm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(llama_state_dict_for_hf(model, config), strict=False)
-    assert not unexpected and all("rotary" in name for name in missing)
+    hf = huggingface_copy(model)
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 2
     ids = tokens(config, seq=40)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_gpt2_logits_match_huggingface():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     config = preset("gpt-tiny")
     model = build(config).eval()
     with torch.no_grad():  # non-zero biases and non-trivial norms so a misplaced one would show
@@ -263,37 +239,8 @@ def test_gpt2_logits_match_huggingface():
                 param.normal_(0, 0.1)
             elif "layernorm.weight" in name:
                 param.uniform_(0.5, 1.5)
-    hf_config = transformers.GPT2Config(
-        vocab_size=config.padded_vocab_size(1), n_positions=config.max_position_embeddings,
-        n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_attention_heads,
-        activation_function="gelu_new", layer_norm_epsilon=config.norm_epsilon,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    ours = {n: p.detach() for n, p in model.named_parameters()}
-    h, n = config.hidden_size, config.num_attention_heads
-    sd = {"transformer.wte.weight": ours["embedding.word_embeddings.weight"],
-          "transformer.wpe.weight": ours["embedding.position_embeddings.weight"],
-          "transformer.ln_f.weight": ours["decoder.final_layernorm.weight"],
-          "transformer.ln_f.bias": ours["decoder.final_layernorm.bias"],
-          "lm_head.weight": ours["embedding.word_embeddings.weight"]}
-    for i in range(config.num_layers):
-        p, q = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        # per head [q_i ; k_i ; v_i] -> HF's [all q ; all k ; all v]; Conv1D stores weights as [in, out]
-        qkv_w = ours[p + "self_attention.linear_qkv.weight"].view(n, 3, h // n, h).transpose(0, 1)
-        qkv_b = ours[p + "self_attention.linear_qkv.bias"].view(n, 3, h // n).transpose(0, 1)
-        sd[q + "attn.c_attn.weight"] = qkv_w.reshape(3 * h, h).T
-        sd[q + "attn.c_attn.bias"] = qkv_b.reshape(3 * h)
-        linears = (("self_attention.linear_proj", "attn.c_proj"), ("mlp.linear_fc1", "mlp.c_fc"),
-                   ("mlp.linear_fc2", "mlp.c_proj"))
-        for ours_name, hf_name in linears:
-            sd[q + hf_name + ".weight"] = ours[p + ours_name + ".weight"].T
-            sd[q + hf_name + ".bias"] = ours[p + ours_name + ".bias"]
-        for ours_name, hf_name in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            sd[q + hf_name + ".weight"] = ours[p + ours_name + ".weight"]
-            sd[q + hf_name + ".bias"] = ours[p + ours_name + ".bias"]
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and not [m for m in missing if not m.endswith("attn.bias")]
+    hf = huggingface_copy(model)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
     ids = tokens(config, seq=40)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,10 @@
         --tokenizer-type SentencePieceTokenizer --tokenizer-model work_dirs/quickstart/tokenizer.model \
         --prompt "ROMEO." --max-new-tokens 80 --temperature 0.8 --top-k 40
 
-Greedy with `--temperature 0` (the default). The model's shape is read from the checkpoint.
+Greedy with `--temperature 0` (the default); sampling with `--temperature T` and optionally `--top-k` /
+`--top-p`. The model's shape is read from the checkpoint (any TP/PP layout loads into one process), the
+tokenizer flags default to the checkpoint's run. Decoding uses a KV cache (`--no-kv-cache` re-runs the
+whole context every step; both give the same tokens).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ def load_model(root: str) -> GPTModel:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (run dir or iter_N)")
-    parser.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
-    parser.add_argument("--tokenizer-model")
+    parser.add_argument("--tokenizer-type", help="default: the checkpoint's run")
+    parser.add_argument("--tokenizer-model", help="default: the checkpoint's run")
     parser.add_argument("--vocab-file")
     parser.add_argument("--merge-file")
     parser.add_argument("--prompt", default="")
@@ -43,17 +46,23 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     args = parser.parse_args(argv)
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-                                    vocab_file=args.vocab_file, merge_file=args.merge_file)
         model = load_model(args.load)
+        run_data = {} if args.tokenizer_type else read_meta(args.load)[1]["config"].get("data", {})
+        pick = lambda name: getattr(args, name) or run_data.get(name)
+        tokenizer = build_tokenizer(pick("tokenizer_type") or "NullTokenizer", tokenizer_model=pick("tokenizer_model"),
+                                    vocab_file=pick("vocab_file"), merge_file=pick("merge_file"),
+                                    vocab_size=model.config.vocab_size - 1)
     except (ValueError, FileNotFoundError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
-    prompt = tokenizer.tokenize(args.prompt) if args.prompt else [tokenizer.bos if tokenizer.bos is not None else tokenizer.eod]
+    start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
+    prompt = tokenizer.tokenize(args.prompt) if args.prompt else [start]
     new = generate(model, prompt, args.max_new_tokens, tokenizer.vocab_size, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, eod=tokenizer.eod, seed=args.seed)
+                   top_k=args.top_k, top_p=args.top_p, eod=tokenizer.eod, seed=args.seed,
+                   use_cache=not args.no_kv_cache)
     print(tokenizer.detokenize((prompt if args.prompt else []) + new))
     return 0
 

@@ -40,16 +40,23 @@ class SelfAttention(nn.Module):
             config.hidden_size, config.hidden_size, bias=config.add_bias_linear,
             init_std=scaled_init_std(std, config.num_layers),
         )
+        # Optional boolean [s, s] mask (True = attend) set by a training method (MST's hybrid sparse
+        # attention); None keeps SDPA's causal fast path.
+        self.attention_mask: torch.Tensor | None = None
         self.rotary = None
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:
         qkv = self.linear_qkv(x)  # [s, b, (nq + 2g) d / tp]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
         if self.rotary is not None:  # rotate q and k of every group in one go
-            cos, sin = self.rotary(s, qkv.device, qkv.dtype)
+            if inference_cache is None:
+                cos, sin = self.rotary(s, qkv.device, qkv.dtype)
+            else:  # positions offset .. offset + s - 1 (one cos/sin table for the whole generation)
+                cos, sin = self.rotary(inference_cache.max_length, qkv.device, qkv.dtype)
+                cos, sin = (t[inference_cache.offset:inference_cache.offset + s] for t in (cos, sin))
             qk = apply_rotary(qkv[:, :, :, :-1], cos.unsqueeze(2), sin.unsqueeze(2))
             q, k = qk[:, :, :, :-1], qk[:, :, :, -1]
         else:
@@ -57,10 +64,16 @@ class SelfAttention(nn.Module):
         v = qkv[:, :, :, -1]  # [s, b, g/tp, d]
         q = q.reshape(s, b, self.local_heads, self.head_dim)  # [s, b, nq/tp, d]
         # SDPA wants [b, heads, s, d]
+        q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+        mask = None
+        if inference_cache is not None:  # attend to the cached positions too
+            mask = inference_cache.causal_mask(s, q.device)
+            k, v = inference_cache.update(self, k, v)  # [b, g/tp, offset + s, d]
+        elif self.attention_mask is not None:  # a sparse pattern inside the causal triangle (MST's HSA)
+            mask = self.attention_mask[:s, :s]
         out = F.scaled_dot_product_attention(
-            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=True, enable_gqa=self.heads_per_group > 1,
+            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=mask is None and inference_cache is None, enable_gqa=self.heads_per_group > 1,
         )  # [b, nq/tp, s, d]
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)  # [s, b, h/tp]
         return self.linear_proj(out)  # [s, b, h]

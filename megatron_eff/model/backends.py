@@ -2,7 +2,9 @@
 precision are a choice of layer, not a branch in `forward`.
 
 - `local`: pure PyTorch — `megatron_eff.parallel.layers` (column/row-parallel linears) and `norms.py`.
-- `transformer_engine`: not built yet (TE layers and FP8 recipes are a separate piece of work).
+- `transformer_engine`: TE modules (fused norm + linear), `megatron_eff/precision/transformer_engine.py`;
+  imported lazily, so without TE/CUDA only that flag fails (with a clear message).
+FP8 emulation and Unit Scaling transform the built model (`megatron_eff/precision/`), not the backend.
 """
 
 from __future__ import annotations
@@ -44,21 +46,13 @@ class LocalBackend:
         return norm_class(hidden_size, self.config.norm_epsilon, self.sequence_parallel)
 
 
-def _transformer_engine_unavailable() -> ValueError:
-    try:
-        import transformer_engine  # noqa: F401  (imported lazily: only when this backend is asked for)
-    except ImportError as error:
-        why = f"Transformer Engine is not importable here ({error})"
-    else:
-        why = "Transformer Engine is installed, but megatron_eff's TE backend is not built yet"
-    return ValueError(f"--transformer-impl transformer_engine: {why}; use --transformer-impl local")
-
-
-def build_backend(config: ModelConfig, pstate: ParallelState, sequence_parallel: bool) -> LocalBackend:
+def build_backend(config: ModelConfig, pstate: ParallelState, sequence_parallel: bool):
     if config.transformer_impl == "local":
         return LocalBackend(config, pstate, sequence_parallel)
     if config.transformer_impl == "transformer_engine":
-        raise _transformer_engine_unavailable()
+        from megatron_eff.precision.transformer_engine import TEBackend  # lazy: TE only when asked for
+
+        return TEBackend(config, pstate, sequence_parallel)
     raise ValueError(
         f"--transformer-impl must be local or transformer_engine, got {config.transformer_impl!r}"
     )

@@ -62,10 +62,10 @@ class Embedding(nn.Module):
             self.position_embeddings = nn.Embedding(*shape)
             mark_sharded(self.position_embeddings.weight, None, shape, "normal", config.init_method_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         x = self.word_embeddings(tokens.t())  # [s, b, h]: looking up transposed ids costs no activation copy
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings.weight[: x.shape[0]].unsqueeze(1)
+            x = x + self.position_embeddings.weight[position_offset: position_offset + x.shape[0]].unsqueeze(1)
         if self.sequence_parallel:
             x = mappings.scatter_to_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, h]
         if self.dropout > 0.0 and self.training:
@@ -108,6 +108,7 @@ class GPTModel(nn.Module):
             self.embedding.word_embeddings.weight.shared_embedding = True  # all-reduced with the last stage's
         if post_process:
             self.register_buffer("vocab_padding_bias", self._vocab_padding_bias(), persistent=False)
+        self.output_gemm = nn.functional.linear  # the logits GEMM; Unit Scaling swaps in a scaled one
         self.init_weights(seed=0)
 
     def init_weights(self, seed: int) -> None:
@@ -119,11 +120,18 @@ class GPTModel(nn.Module):
         tokens: torch.Tensor | None = None,  # [b, s] on the first stage
         labels: torch.Tensor | None = None,  # [b, s] on the last stage
         input_tensor: torch.Tensor | None = None,  # [s, b, h] from the previous stage
+        inference_cache=None,  # generation: an `InferenceCache` (keys/values of earlier positions)
     ) -> torch.Tensor:
         """Last stage: per-token loss `[b, s]` float32 with labels, else logits `[b, s, V/tp]`.
-        Other stages: hidden `[s, b, h]` (`[s/tp, b, h]` with sequence parallel)."""
-        x = self.embedding(tokens) if self.pre_process else input_tensor
-        x = self.decoder(x)
+        Other stages: hidden `[s, b, h]` (`[s/tp, b, h]` with sequence parallel).
+        With `inference_cache`, `tokens` continue the cached positions and the cache advances past them."""
+        if inference_cache is None:
+            x = self.embedding(tokens) if self.pre_process else input_tensor
+            x = self.decoder(x)
+        else:
+            x = self.embedding(tokens, inference_cache.offset) if self.pre_process else input_tensor
+            x = self.decoder(x, inference_cache)
+            inference_cache.advance(x.shape[0])
         if not self.post_process:
             return x
         logits = self._logits(x)  # [s, b, V/tp]
@@ -137,7 +145,7 @@ class GPTModel(nn.Module):
         layer = self.output_layer if self.output_layer is not None else self.embedding.word_embeddings
         return column_parallel_linear(
             x, layer.weight, self.vocab_padding_bias, self.pstate.tp_group,
-            sequence_parallel=self.sequence_parallel,
+            sequence_parallel=self.sequence_parallel, gemm=self.output_gemm,
         )
 
     def _vocab_padding_bias(self) -> torch.Tensor | None:

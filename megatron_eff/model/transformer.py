@@ -32,9 +32,22 @@ class TransformerLayer(nn.Module):
             return x
         return F.dropout(x, self.hidden_dropout, training=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._dropout(self.self_attention(self.input_layernorm(x)))
-        return x + self._dropout(self.mlp(self.pre_mlp_layernorm(x)))
+    # The residual connection `skip + branch(h)` with `h, skip = residual_split(x, name)`: a plain sum by
+    # default; Unit Scaling (precision/unit_scaling.py) swaps in its tau-weighted split/add pair.
+    @staticmethod
+    def residual_split(x: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+    @staticmethod
+    def residual_add(y: torch.Tensor, skip: torch.Tensor, branch: str) -> torch.Tensor:
+        return skip + y
+
+    def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:
+        h, skip = self.residual_split(x, "attention")
+        x = self.residual_add(self._dropout(self.self_attention(self.input_layernorm(h), inference_cache)), skip,
+                              "attention")
+        h, skip = self.residual_split(x, "mlp")
+        return self.residual_add(self._dropout(self.mlp(self.pre_mlp_layernorm(h))), skip, "mlp")
 
 
 class TransformerBlock(nn.Module):
@@ -48,10 +61,10 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, backend) for i in range(*layer_range)})
         self.final_layernorm = backend.norm(config.hidden_size) if post_process else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:
         for layer in self.layers.values():
             if self.recompute and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, inference_cache)
         return x if self.final_layernorm is None else self.final_layernorm(x)

@@ -238,6 +238,21 @@ class GradSync:
         for handle in handles:
             handle.wait()
 
+    @torch.no_grad()
+    def all_gather_grads(self) -> None:
+        """After a sharded `finish()`: every rank gets every bucket's reduced gradient (only the owned slices
+        are reduced otherwise). For methods that need the whole dense gradient now and then (MST growing)."""
+        if not self.shard or self.dp_size == 1:
+            return
+        handles = []
+        for bucket in self.buckets:
+            lo, hi = self.owned_range(bucket)
+            shard = self.grad_buffer[lo:hi].clone()
+            out = self.grad_buffer[bucket.start:bucket.end]
+            handles.append(_all_gather_flat(out, shard, group=self.dp_group, async_op=True))
+        for handle in handles:
+            handle.wait()
+
     def shard_pieces(self):
         """Yield (param, flat_lo, flat_hi) for each piece of a parameter inside this rank's owned slices."""
         for bucket in self.buckets:

@@ -8,6 +8,9 @@ Every parameter records how it is sharded (`param.partition_dim`, `param.full_sh
 - `init_parallel_parameters(model, seed)` draws each *full* tensor from a generator seeded by the
   parameter's global name and keeps this rank's slice: the initial weights do not depend on the layout;
 - checkpointing and conversion can reassemble full tensors.
+
+Each linear's matmul is `self.gemm(x, weight, bias)` (`F.linear` by default): precision features
+(`megatron_eff/precision/`: FP8 emulation, Unit Scaling) replace that one callable and nothing else.
 """
 
 from __future__ import annotations
@@ -74,18 +77,19 @@ class ColumnParallelLinear(nn.Module):
             self.bias = mark_sharded(nn.Parameter(torch.empty(bshape)), dim, bfull, "zeros")
         else:
             self.register_parameter("bias", None)
+        self.gemm = F.linear  # (x, weight, bias) -> y; swapped by megatron_eff/precision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.flatten()
         return column_parallel_linear(
             x, self.weight.flatten(0, -2), bias, self.tp_group,  # weight [out/tp, in]
-            sequence_parallel=self.sequence_parallel, gather_output=self.gather_output,
+            sequence_parallel=self.sequence_parallel, gather_output=self.gather_output, gemm=self.gemm,
         )
 
 
 def column_parallel_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_group, *,
-    sequence_parallel: bool = False, gather_output: bool = False,
+    sequence_parallel: bool = False, gather_output: bool = False, gemm=F.linear,
 ) -> torch.Tensor:
     """The column-parallel matmul on a given `[out/tp, in]` weight (also used by the output layer tied to
     the word embedding, whose weight lives in another module)."""
@@ -93,7 +97,7 @@ def column_parallel_linear(
         x = mappings.gather_from_sequence_parallel_region(x, tp_group)  # [s, b, in]
     else:
         x = mappings.copy_to_tensor_parallel_region(x, tp_group)
-    y = F.linear(x, weight, bias)  # [s, b, out/tp]
+    y = gemm(x, weight, bias)  # [s, b, out/tp]
     if gather_output:
         y = mappings.gather_from_tensor_parallel_region(y, tp_group)
     return y
@@ -129,11 +133,12 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = sequence_parallel  # grads need a TP all-reduce under SP
         else:
             self.register_parameter("bias", None)
+        self.gemm = F.linear  # (x, weight, bias) -> y; swapped by megatron_eff/precision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_parallel_region(x, self.tp_group)
-        y = F.linear(x, self.weight)  # [s, b, out] partial sums
+        y = self.gemm(x, self.weight, None)  # [s, b, out] partial sums
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.tp_group)  # [s/tp, b, out]
         else:
@@ -201,7 +206,8 @@ def init_parallel_parameters(named_params, seed: int, tp_rank: int = 0, tp_size:
         elif rule == "normal":
             gen = torch.Generator().manual_seed(_name_seed(seed, name))
             full = torch.empty(full_shape).normal_(0.0, param.init_std, generator=gen)
-            param.copy_(local_shard(full, param.partition_dim, tp_rank, tp_size))
+            target = param.view(getattr(param, "local_view_shape", param.shape))  # TE's fused SwiGLU fc1
+            target.copy_(local_shard(full, param.partition_dim, tp_rank, tp_size))
         else:
             raise ValueError(f"unknown init rule {rule!r} for {name}")
 

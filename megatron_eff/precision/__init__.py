@@ -1,1 +1,137 @@
-"""megatron_eff.precision"""
+"""Precision: FP8 (Transformer Engine, or local fake-quantised emulation), FP16 loss scaling, Unit Scaling.
+
+    apply_precision(model_chunk, config.precision, config.model)   # after building, before init_weights
+
+The model does not know which precision is on: FP8 emulation swaps the `gemm` of the transformer layers'
+linears (`fp8.py`), Unit Scaling swaps GEMMs, residual ops and adds embedding hooks (`unit_scaling.py`),
+Transformer Engine is a backend (`transformer_engine.py`). The trainer owns the loss scaler
+(`loss_scaler.py`) and calls `fp8.update_fp8_meta` once per step.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def apply_precision(model: nn.Module, precision, model_config) -> None:
+    """Transform one freshly built `GPTModel` chunk in place for `precision` (a `PrecisionConfig`)."""
+    first_last = (0, model_config.num_layers - 1)
+    if model_config.transformer_impl == "transformer_engine":
+        if precision.unit_scaling:
+            raise ValueError("--unit-scaling is implemented for --transformer-impl local only (see README)")
+        if precision.fp8 and precision.first_last_layers_bf16:
+            from megatron_eff.precision.transformer_engine import keep_layers_out_of_fp8
+
+            keep_layers_out_of_fp8(model, first_last)
+        return  # TE's FP8 enters through fp8_autocast around forward (training/loop.py)
+    if precision.fp8:
+        from megatron_eff.precision.fp8 import Fp8Recipe, apply_fp8
+
+        apply_fp8(model, Fp8Recipe.from_config(precision), model_config.num_layers, precision.first_last_layers_bf16)
+    if precision.unit_scaling:
+        from megatron_eff.precision.unit_scaling import apply_unit_scaling
+
+        apply_unit_scaling(model, model_config, precision.unit_scaling_residual_tau_attn,
+                           precision.unit_scaling_residual_tau_mlp)
+
+
+def precision_state(model_chunks) -> dict:
+    """Checkpoint tensors of the local FP8 emulation, keyed `precision.<global buffer name>` (identical on
+    every TP/DP rank: the amaxes are reduced over both)."""
+    from megatron_eff.precision.fp8 import Fp8Meta
+
+    state = {}
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            if isinstance(module, Fp8Meta):
+                for buffer_name, buffer in module.named_buffers():
+                    state[f"precision.{name}.{buffer_name}"] = buffer
+    return state
+
+
+class PrecisionRuntime:
+    """What the trainer does for precision around each step: the loss scale for backward (FP16 loss scaler
+    x, under Unit Scaling, the number of micro-batches), unscaling the gradients, the loss scaler's update,
+    the delayed-scaling FP8 update (amax reduced over TP and DP), TE's FP8 autocast, checkpoint state."""
+
+    def __init__(self, config, model_chunks, pstate):
+        from megatron_eff.precision.fp8 import Fp8Recipe
+        from megatron_eff.precision.loss_scaler import LossScaler
+
+        p = config.precision
+        self.precision, self.model, self.pstate = p, list(model_chunks), pstate
+        self.loss_scaler = LossScaler.from_config(p) if config.train.fp16 else None
+        self.unit_scaling = p.unit_scaling
+        self.te = config.model.transformer_impl == "transformer_engine"
+        self.fp8_recipe = Fp8Recipe.from_config(p) if p.fp8 and not self.te else None
+
+    def wrap_autocast(self, autocast):
+        """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; otherwise `autocast` unchanged."""
+        if not (self.te and self.precision.fp8):
+            return autocast
+        import contextlib
+
+        from megatron_eff.precision.transformer_engine import fp8_autocast
+
+        fp8 = fp8_autocast(self.precision, self._amax_group())
+
+        @contextlib.contextmanager
+        def both():
+            with autocast(), fp8():
+                yield
+
+        return both
+
+    def _amax_group(self):
+        """TE's fp8_group: the TP x DP ranks of this pipeline stage (Megatron-LM's amax reduction group).
+        Ranks are tp fastest, then dp, then pp, so stage p holds ranks [p tp dp, (p + 1) tp dp)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        per_stage, mine = self.pstate.tp_size * self.pstate.dp_size, None
+        for stage in range(self.pstate.pp_size):  # collective: every rank creates every stage's group
+            group = dist.new_group(list(range(stage * per_stage, (stage + 1) * per_stage)))
+            if stage == self.pstate.pp_rank:
+                mine = group
+        return mine
+
+    def loss_scale(self, num_micro_batches: int) -> float:
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        return scale * num_micro_batches if self.unit_scaling else scale
+
+    @staticmethod
+    def unscale_(params, loss_scale: float) -> None:
+        import torch
+
+        grads = [p.grad for p in params if p.grad is not None]
+        if loss_scale != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / loss_scale)
+
+    def end_step(self, overflow: bool) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow)
+        if self.fp8_recipe is not None:
+            from megatron_eff.precision.fp8 import update_fp8_meta
+
+            update_fp8_meta(self.model, self.fp8_recipe, (self.pstate.tp_group, self.pstate.dp_group))
+
+    def state_tensors(self) -> dict:
+        """Checkpoint tensors: local FP8 buffers and the loss scaler's state (replicated on every rank)."""
+        state = precision_state(self.model)
+        if self.loss_scaler is not None:
+            state.update(self.loss_scaler.state_tensors())
+        return state
+
+    def rank_state(self) -> dict | None:
+        """TE's FP8 state per rank (TE only)."""
+        if not self.te:
+            return None
+        from megatron_eff.precision.transformer_engine import te_extra_state
+
+        return te_extra_state(self.model)
+
+    def load_rank_state(self, state: dict) -> None:
+        from megatron_eff.precision.transformer_engine import load_te_extra_state
+
+        load_te_extra_state(self.model, state)

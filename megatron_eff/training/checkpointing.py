@@ -41,6 +41,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 from megatron_eff.parallel.data_parallel import DistributedOptimizer
 from megatron_eff.parallel.state import ParallelState
+from megatron_eff.precision.transformer_engine import local_parameter_name
+
+# Precision state (local FP8 amax histories/scales, the FP16 loss scaler): replicated tensors passed as
+# `extra_state={key: tensor}`; a checkpoint without them (another precision) loads, leaving them as they are.
+OPTIONAL_PREFIXES = ("precision.", "loss_scaler.")
 
 TRACKER = "latest_checkpointed_iteration.txt"
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -108,17 +113,27 @@ def _optimizer_state(named_params: dict[str, torch.nn.Parameter], optimizer) -> 
 
 
 def _checkpoint_name(name: str, param: torch.nn.Parameter) -> str:
-    """The global key of a parameter: the last stage's tied copy is the word embedding."""
-    return WORD_EMBEDDING if name == "output_layer.weight" and getattr(param, "shared_embedding", False) else name
+    """The global key of a parameter: the last stage's tied copy is the word embedding; TE's fused-norm
+    parameters take the `local` backend's names (precision/transformer_engine.py)."""
+    if name == "output_layer.weight" and getattr(param, "shared_embedding", False):
+        return WORD_EMBEDDING
+    return local_parameter_name(name)
+
+
+def _local_view(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """A TE SwiGLU fc1 weight `[2 ffn/tp, h]` (or its moments) as the local backend's `[2, ffn/tp, h]`."""
+    shape = getattr(param, "local_view_shape", None)
+    return tensor if shape is None else tensor.view(shape)
 
 
 def _entries(named_params, optimizer) -> list[tuple[str, torch.Tensor, torch.nn.Parameter]]:
     """(global key, local tensor, its parameter) for every tensor a checkpoint holds."""
-    entries = [(f"model.{_checkpoint_name(n, p)}", p.detach(), p) for n, p in named_params.items()]
+    entries = [(f"model.{_checkpoint_name(n, p)}", _local_view(p.detach(), p), p) for n, p in named_params.items()]
     if optimizer is not None:
         for name, slots in _optimizer_state(named_params, optimizer).items():
-            key = _checkpoint_name(name, named_params[name])
-            entries += [(f"optimizer.{key}.{sub}", tensor, named_params[name]) for sub, tensor in slots.items()]
+            key, param = _checkpoint_name(name, named_params[name]), named_params[name]
+            entries += [(f"optimizer.{key}.{sub}", _local_view(tensor, param) if tensor.ndim else tensor, param)
+                        for sub, tensor in slots.items()]
     return entries
 
 
@@ -176,8 +191,13 @@ def save_checkpoint(
     run_config: dict,
     layout: dict,
     pstate: ParallelState | None = None,
+    hooks=None,
+    extra_state: dict[str, torch.Tensor] | None = None,
+    rank_state: dict | None = None,
 ) -> str:
-    """Write `root/iter_N` atomically; returns its path. Collective: every rank calls it."""
+    """Write `root/iter_N` atomically; returns its path. Collective: every rank calls it. Method `hooks`
+    (`training.hooks`) add their tensors (keyed `method.<name>.<key>`, sharded like a parameter) and their
+    small state (meta.json `method_state`)."""
     final = checkpoint_dir(root, train_state.iteration)
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -189,12 +209,17 @@ def save_checkpoint(
     state = {}
     for key, tensor, param in _entries(named_params, optimizer):
         state.setdefault(key, _global_view(tensor, param, mesh))
+    for key, tensor, param in hooks.checkpoint_tensors() if hooks else []:
+        state.setdefault(f"method.{key}", _global_view(tensor, param, mesh))
+    state.update(extra_state or {})
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if rank_state is not None:  # e.g. Transformer Engine's FP8 state of this rank's modules
+        torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
     if _rank() == 0:
         meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,
-                "has_optimizer": optimizer is not None}
+                "has_optimizer": optimizer is not None, "method_state": hooks.state_dict() if hooks else None}
         _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
     _barrier()
     if _rank() == 0:
@@ -236,6 +261,8 @@ def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state, copies = {}, []
     for key, tensor, param in entries:
+        if key not in saved and key.startswith(OPTIONAL_PREFIXES):
+            continue
         if key not in saved:
             raise ValueError(f"checkpoint {path} has no tensor {key!r} that the model needs")
         saved_shape, wanted = tuple(saved[key].size), _global_shape(tensor, param)
@@ -277,6 +304,9 @@ def load_checkpoint(
     load_rng: bool = True,
     layout: dict | None = None,
     pstate: ParallelState | None = None,
+    hooks=None,
+    extra_state: dict[str, torch.Tensor] | None = None,
+    rank_state_loader=None,
 ) -> TrainState:
     """Load weights (and optimizer, RNG, position unless told not to) in place, whatever the layout the
     checkpoint was written with; returns the train state. Collective: every rank calls it."""
@@ -285,10 +315,17 @@ def load_checkpoint(
     if with_optim and not meta.get("has_optimizer", True):
         raise ValueError(f"--load {path}: checkpoint holds no optimizer state (use --no-load-optim)")
     entries = _entries(named_params, optimizer if with_optim else None)
+    method_state = meta.get("method_state") if hooks and not finetune else None
+    if method_state:  # a checkpoint of a run with the same methods on: their tensors (masks) too
+        entries += [(f"method.{key}", tensor, param) for key, tensor, param in hooks.checkpoint_tensors()]
+    if not finetune:  # precision state (FP8 amax histories, loss scale), loaded in place when present
+        entries += [(key, tensor, tensor) for key, tensor in (extra_state or {}).items()]
     state, copies = _load_plan(path, entries, _tp_mesh(pstate))
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     _apply_copies(state, copies, pstate)
+    if method_state:
+        hooks.load_state_dict(method_state)
     if with_optim and isinstance(optimizer, DistributedOptimizer):
         by_param: dict = {}
         for key, tensor, param in entries:
@@ -301,6 +338,9 @@ def load_checkpoint(
     rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
     if load_rng and same_layout and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    rank_state_file = os.path.join(path, "rng", f"rank_state_{_rank():05d}.pt")
+    if rank_state_loader is not None and same_layout and os.path.exists(rank_state_file):
+        rank_state_loader(torch.load(rank_state_file, weights_only=False))
     return TrainState(**meta["train_state"])
 
 
@@ -311,3 +351,19 @@ def read_meta(root: str) -> tuple[str, dict]:
         raise FileNotFoundError(f"--load {root}: no checkpoint there (no {TRACKER} and no meta.json)")
     with open(os.path.join(path, "meta.json")) as f:
         return path, json.load(f)
+
+
+def load_model_tensors(root: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta.json, {global parameter name: full tensor}) of a checkpoint written under any layout, read in
+    this one process (converters and tools; no process group, no model needed). Vocab-padded tables keep
+    the padding they were saved with."""
+    path, meta = read_meta(root)
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+        for key, entry in saved.items()
+        if key.startswith("model.") and hasattr(entry, "size")
+    }
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return meta, {key[len("model."):]: tensor for key, tensor in state.items()}

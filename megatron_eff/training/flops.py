@@ -77,3 +77,60 @@ def count_parameters(config: ModelConfig, tp: int = 1) -> int:
     positions = config.max_position_embeddings * h if learned_positions else 0
     output = vocab if config.untie_embeddings_and_output_weights else 0
     return vocab + positions + config.num_layers * layer + norm + output
+
+
+# --- Sparse training (MST) -------------------------------------------------------------------------------
+# Our accounting (METHODS.md section 1; the paper's exact definition is unconfirmed):
+# - a sparse linear of density d costs 2 * tokens * d * n_in * n_out forward and 2x that backward;
+# - at a topology-update iteration its weight gradient is computed dense (for growing), RigL's accounting:
+#   forward d * F + input-gradient d * F + dense weight-gradient F instead of 3 d F;
+# - attention's QK^T and AV are scaled by the attention pattern's density (1 = dense causal);
+# - everything else (other linears, the logits) stays dense.
+
+
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Every linear of the full model as {global module name: (n_in, n_out)}, in layer order, logits last.
+
+    Fused weights count as one linear: QKV `(h, (nq + 2g) d)`, SwiGLU's fc1 `(h, 2 ffn)`."""
+    h, d, ffn = config.hidden_size, config.head_dim, config.ffn_hidden_size
+    shapes = {}
+    for i in range(config.num_layers):
+        prefix = f"decoder.layers.{i}"
+        qkv_out = (config.num_attention_heads + 2 * config.num_query_groups) * d
+        shapes[f"{prefix}.self_attention.linear_qkv"] = (h, qkv_out)
+        shapes[f"{prefix}.self_attention.linear_proj"] = (config.num_attention_heads * d, h)
+        shapes[f"{prefix}.mlp.linear_fc1"] = (h, ffn * (2 if config.swiglu else 1))
+        shapes[f"{prefix}.mlp.linear_fc2"] = (ffn, h)
+    shapes["output_layer"] = (h, config.padded_vocab_size(1))
+    return shapes
+
+
+def attention_core_flops(config: ModelConfig, seq_len: int, density: float = 1.0) -> float:
+    """Forward FLOPs per token of QK^T and AV in one layer, scaled by the attention pattern's density."""
+    return density * 4 * seq_len * config.num_attention_heads * config.head_dim
+
+
+def sparse_linear_training_flops(n_in: int, n_out: int, density: float, dense_weight_grad: bool = False) -> float:
+    """Training FLOPs per token of one linear at `density`: forward + input grad + weight grad, the weight
+    grad dense when `dense_weight_grad` (a topology-update iteration)."""
+    forward = 2 * n_in * n_out
+    weight_grad = forward if dense_weight_grad else density * forward
+    return 2 * density * forward + weight_grad
+
+
+def sparse_training_flops(
+    config: ModelConfig, batch_tokens: int, seq_len: int, densities: dict[str, float] | None = None,
+    attention_densities: dict[int, float] | None = None, dense_weight_grad: bool = False,
+) -> float:
+    """Training FLOPs of one iteration with linears at `densities` (by `linear_shapes` name; missing = 1)
+    and attention at `attention_densities` (by layer index; missing = 1). `dense_weight_grad`: the sparse
+    linears (density < 1) compute their weight gradient dense this iteration. All densities 1 gives
+    `model_flops_per_iteration`."""
+    densities, attention_densities = densities or {}, attention_densities or {}
+    per_token = 0.0
+    for name, (n_in, n_out) in linear_shapes(config).items():
+        density = densities.get(name, 1.0)
+        per_token += sparse_linear_training_flops(n_in, n_out, density, dense_weight_grad and density < 1.0)
+    for i in range(config.num_layers):
+        per_token += 3 * attention_core_flops(config, seq_len, attention_densities.get(i, 1.0))
+    return batch_tokens * per_token

@@ -27,8 +27,10 @@ from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.parallel.data_parallel import GradSync, finalize_gradients
 from megatron_eff.parallel.pipeline import activation_shape, get_forward_backward_func, pipeline_layer_ranges
 from megatron_eff.parallel.state import ParallelState, init_distributed, initialize_parallel_state
+from megatron_eff.precision import PrecisionRuntime, apply_precision
 from megatron_eff.training import flops as flops_lib
 from megatron_eff.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_eff.training.hooks import MethodHooks, build_method_hooks
 from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
 from megatron_eff.training.lr_schedule import learning_rate
 from megatron_eff.training.optimizer import build_optimizer, clip_gradients, global_grad_norm, set_learning_rate
@@ -48,6 +50,7 @@ class StepResult:
     loss: float
     grad_norm: float
     skipped: bool
+    overflow: bool = False  # FP16 loss scaling: the scaled gradients overflowed (skipped, not a bad step)
 
 
 def set_seed(seed: int) -> None:
@@ -82,6 +85,7 @@ def build_model(config: Config, pstate: ParallelState, device: torch.device) -> 
             post_process=pstate.is_last_stage and v == len(ranges) - 1,
             sequence_parallel=config.parallel.sequence_parallel,
         )
+        apply_precision(model, config.precision, config.model)  # FP8 emulation, Unit Scaling: transforms
         model.init_weights(config.train.seed)
         chunks.append(model.to(device))
     return chunks
@@ -93,14 +97,14 @@ def model_chunks(model) -> list[GPTModel]:
 
 
 def run_schedule(model, batches, num_micro_batches: int, config: Config, pstate: ParallelState, autocast,
-                 forward_only: bool = False) -> list[torch.Tensor]:
+                 forward_only: bool = False, loss_scale: float = 1.0) -> list[torch.Tensor]:
     """Forward/backward of one iteration with this layout's schedule (no pipelining, 1F1B, interleaved)."""
     chunks = model_chunks(model)
     schedule = get_forward_backward_func(pstate, virtual=len(chunks) > 1)
     shape = activation_shape(config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size,
                              pstate.tp_size, config.parallel.sequence_parallel)
     return schedule(chunks, batches, num_micro_batches, pstate=pstate, tensor_shape=shape,
-                    forward_only=forward_only, autocast=autocast)
+                    forward_only=forward_only, autocast=autocast, loss_scale=loss_scale)
 
 
 def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
@@ -123,34 +127,50 @@ def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
 
 
 def train_step(model, optimizer, batches, num_micro_batches: int, config: Config, pstate: ParallelState,
-               lr: float, autocast, grad_sync: GradSync | None = None) -> StepResult:
+               lr: float, autocast, grad_sync: GradSync | None = None, hooks: MethodHooks | None = None,
+               iteration: int = 0, precision: PrecisionRuntime | None = None) -> StepResult:
     """One iteration over `num_micro_batches` micro-batches; the step is skipped on a NaN/inf.
 
     `grad_sync` (bucketed, possibly overlapped / sharded gradient reduction) is armed before the schedule
-    and finished after it; without one, gradients are reduced by `finalize_gradients`."""
+    and finished after it; without one, gradients are reduced by `finalize_gradients`. Method `hooks` see
+    the reduced gradients (`after_backward`) and the stepped weights (`after_step`) of `iteration`.
+    `precision` scales the loss before backward (FP16 loss scaler; x M under Unit Scaling) and the gradients
+    back after it; an overflow of scaled FP16 gradients skips the step as `overflow`, not as a bad step."""
     params = [p for chunk in model_chunks(model) for p in chunk.parameters() if p.requires_grad]
     if grad_sync is not None:
         grad_sync.start(num_micro_batches)  # zero the grad buffer; reductions start on the last micro-batch
     else:
         for p in params:
             p.grad = None
-    losses = run_schedule(model, batches, num_micro_batches, config, pstate, autocast)
+    loss_scale = precision.loss_scale(num_micro_batches) if precision is not None else 1.0
+    losses = run_schedule(model, batches, num_micro_batches, config, pstate, autocast, loss_scale=loss_scale)
     if grad_sync is not None:
         grad_sync.finish()
     else:
         finalize_gradients(params, pstate)
-    loss = average_loss(losses, pstate)
     # The distributed optimizer's main params are this rank's shard pieces, normed over every rank.
     main_params = getattr(optimizer, "main_params", params)
+    if precision is not None:
+        precision.unscale_(main_params, loss_scale)
+    if hooks is not None:
+        hooks.after_backward(iteration)
+    loss = average_loss(losses, pstate)
     norm_group = getattr(optimizer, "grad_norm_group", pstate.model_parallel_group)
     grad_norm = global_grad_norm(main_params, norm_group, is_owner=lambda p: _counts_once(p, pstate))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         for p in params:
             p.grad = None
-        return StepResult(loss, grad_norm, skipped=True)
+        overflow = math.isfinite(loss) and precision is not None and precision.loss_scaler is not None
+        if precision is not None:
+            precision.end_step(overflow)
+        return StepResult(loss, grad_norm, skipped=True, overflow=overflow)
     clip_gradients(main_params, config.optim.clip_grad, grad_norm)
     set_learning_rate(optimizer, lr)
     optimizer.step()
+    if precision is not None:
+        precision.end_step(overflow=False)
+    if hooks is not None:
+        hooks.after_step(iteration)
     return StepResult(loss, grad_norm, skipped=False)
 
 
@@ -226,7 +246,9 @@ def pretrain(config: Config) -> RunResult:
         overlap=config.parallel.overlap_grad_reduce, shard=config.parallel.use_distributed_optimizer,
     )
     optimizer = build_optimizer(named_params.items(), config.optim, grad_sync)
-    autocast = autocast_context(config, device)
+    hooks = build_method_hooks(config, model, optimizer, grad_sync, pstate)  # MST, ...: installed on the model
+    precision = PrecisionRuntime(config, model, pstate)  # loss scaling, FP8 state, TE's FP8 autocast
+    autocast = precision.wrap_autocast(autocast_context(config, device))
     is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
     log(f"model: {sum(p.numel() for p in named_params.values()):,} parameters on this rank "
         f"({pstate.describe()})", pstate.rank == 0)
@@ -236,7 +258,8 @@ def pretrain(config: Config) -> RunResult:
         state = load_checkpoint(
             config.checkpoint.load, named_params, optimizer, finetune=config.checkpoint.finetune,
             load_optim=not config.checkpoint.no_load_optim, load_rng=not config.checkpoint.no_load_rng,
-            layout=_layout(pstate), pstate=pstate,
+            layout=_layout(pstate), pstate=pstate, hooks=hooks,
+            extra_state=precision.state_tensors(), rank_state_loader=precision.load_rank_state,
         )
         log(f"loaded {config.checkpoint.load} at iteration {state.iteration}", pstate.rank == 0)
 
@@ -257,7 +280,8 @@ def pretrain(config: Config) -> RunResult:
     def save() -> None:
         if config.checkpoint.save:
             path = save_checkpoint(config.checkpoint.save, state, named_params, optimizer, config.to_dict(),
-                                   _layout(pstate), pstate)
+                                   _layout(pstate), pstate, hooks=hooks, extra_state=precision.state_tensors(),
+                                   rank_state=precision.rank_state())
             log(f"saved checkpoint {path}", pstate.rank == 0)
 
     bad_steps, grad_norm, lr = 0, float("nan"), config.optim.lr
@@ -266,11 +290,17 @@ def pretrain(config: Config) -> RunResult:
         chunk.train()
     while state.iteration < config.train.train_iters:
         lr = learning_rate(state.iteration, config.optim, config.train.train_iters)
-        result = train_step(model, optimizer, batches, m, config, pstate, lr, autocast, grad_sync)
+        hooks.before_iteration(state.iteration + 1)
+        result = train_step(model, optimizer, batches, m, config, pstate, lr, autocast, grad_sync,
+                            hooks=hooks, iteration=state.iteration + 1, precision=precision)
         state.iteration += 1
         state.consumed_train_samples += gbs
         grad_norm = result.grad_norm
-        if result.skipped:
+        if result.overflow:  # FP16 loss scaling: expected now and then, the scale adapts
+            state.skipped_iterations += 1
+            log(f"iteration {state.iteration}: FP16 gradient overflow, step skipped; loss scale now "
+                f"{precision.loss_scaler.scale:g}", pstate.rank == 0)
+        elif result.skipped:
             bad_steps += 1
             state.skipped_iterations += 1
             log(f"WARNING: iteration {state.iteration}: non-finite loss {result.loss} or grad norm "
@@ -282,7 +312,8 @@ def pretrain(config: Config) -> RunResult:
         result_log.losses.append(result.loss)
         logger.record(result.loss, tokens_per_iter, flops_per_iter)
         if state.iteration % config.train.log_interval == 0:
-            logger.flush(state.iteration, state.consumed_train_samples * config.model.seq_length, lr, grad_norm)
+            logger.flush(state.iteration, state.consumed_train_samples * config.model.seq_length, lr, grad_norm,
+                         extra=hooks.log_scalars())
         if valid_ds is not None and config.train.eval_iters and state.iteration % config.train.eval_interval == 0:
             val = evaluate(model, valid_ds, config, pstate, autocast)
             log(f"validation at iter {state.iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}",
@@ -307,5 +338,7 @@ def pretrain(config: Config) -> RunResult:
             config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0
         ):
             save()
+    if hooks.summary():
+        log(hooks.summary(), is_logger)
     logger.close()
     return result_log

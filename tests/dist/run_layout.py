@@ -6,7 +6,8 @@
 Writes `OUT.pt` (from global rank 0) = {"losses": [...], "params": {global_name: full fp32 tensor},
 "optimizer_numel": [per rank]}: the per-iteration losses, every parameter reassembled across TP shards and
 PP stages, and how many optimizer-state elements each rank holds; plus "tied_copies" = {"output_layer.weight":
-full tensor} when a last pipeline stage holds a copy of the tied embedding.
+full tensor} when a last pipeline stage holds a copy of the tied embedding, and "masks" = {module name: full
+boolean `weight_mask`} when a method (MST) installed masks.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def full_tensor(param: torch.Tensor, pstate) -> torch.Tensor:
     parts = [torch.empty_like(param) for _ in range(pstate.tp_size)]
     dist.all_gather(parts, param.detach().contiguous(), group=pstate.tp_group)
     return torch.cat(parts, dim=dim)
+
+
+def full_masks(model, pstate) -> dict[str, torch.Tensor]:
+    """Every `weight_mask` buffer a method installed (MST), reassembled like its module's weight."""
+    masks = {}
+    for name, module in model.named_modules():
+        mask = getattr(module, "weight_mask", None)
+        if mask is not None:
+            as_param = mask.to(torch.uint8)
+            as_param.partition_dim = getattr(module.weight, "partition_dim", None)
+            masks[name] = full_tensor(as_param, pstate).bool()
+    return masks
 
 
 def optimizer_state_numel(optimizer) -> int:
@@ -59,8 +72,9 @@ def main() -> None:
     result = loop.pretrain(config_from_args(parse_args(flags)))
     pstate = captured["pstate"]
     models = captured["models"] if isinstance(captured["models"], list) else [captured["models"]]
-    params, tied_copies = {}, {}
+    params, tied_copies, masks = {}, {}, {}
     for model in models:
+        masks.update(full_masks(model, pstate))
         for name, p in model.named_parameters():
             if getattr(p, "shared_embedding", False) and name == "output_layer.weight":
                 tied_copies[name] = full_tensor(p, pstate)  # the last stage's copy of the tied embedding
@@ -68,16 +82,17 @@ def main() -> None:
             params[name] = full_tensor(p, pstate)
     if dist.is_initialized() and pstate.pp_size > 1:
         gathered = [None] * pstate.pp_size
-        dist.all_gather_object(gathered, (params, tied_copies), group=pstate.pp_group)
-        params = {k: v for stage, _ in gathered for k, v in stage.items()}
-        tied_copies = {k: v for _, copies in gathered for k, v in copies.items()}
+        dist.all_gather_object(gathered, (params, tied_copies, masks), group=pstate.pp_group)
+        params = {k: v for stage, _, _ in gathered for k, v in stage.items()}
+        tied_copies = {k: v for _, copies, _ in gathered for k, v in copies.items()}
+        masks = {k: v for _, _, stage_masks in gathered for k, v in stage_masks.items()}
     optimizer_numel = [optimizer_state_numel(captured["optimizer"])]
     if dist.is_initialized():
         optimizer_numel = [None] * dist.get_world_size()
         dist.all_gather_object(optimizer_numel, optimizer_state_numel(captured["optimizer"]))
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
-                    "tied_copies": tied_copies}, out)
+                    "tied_copies": tied_copies, "masks": masks}, out)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

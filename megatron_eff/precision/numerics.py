@@ -1,0 +1,79 @@
+"""Small numerics studies on CPU (used by tests/test_unit_scaling.py and bench/precision.py).
+
+- `train_synthetic(flags, steps)`: train a model built from command-line flags on a learnable synthetic
+  task (a noisy bigram: the next token is `perm[token]` with probability 1/2, else uniform), through the
+  real `train_step` (loss scaling, FP8 updates, unit scaling); returns the per-step losses.
+- `gradient_underflow(flags)`: one forward/backward at init; the fraction of weight-gradient elements
+  that are exactly zero, and below FP16's smallest normal, next to an FP32 backward of the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_eff.arguments import config_from_args, parse_args
+from megatron_eff.parallel.state import ParallelState
+from megatron_eff.precision import PrecisionRuntime
+
+
+def synthetic_batches(vocab: int, seq_length: int, batch: int, seed: int = 0):
+    """Endless micro-batches {"tokens", "labels"} `[b, s]` of the noisy-bigram task."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(vocab, generator=gen)
+    while True:
+        seq = torch.empty(batch, seq_length + 1, dtype=torch.long)
+        seq[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
+        for i in range(seq_length):
+            noise = torch.randint(0, vocab, (batch,), generator=gen)
+            keep = torch.rand(batch, generator=gen) < 0.5
+            seq[:, i + 1] = torch.where(keep, perm[seq[:, i]], noise)
+        yield {"tokens": seq[:, :-1], "labels": seq[:, 1:]}
+
+
+def _build(flags: list[str]):
+    from megatron_eff.training import loop
+
+    config = config_from_args(parse_args([*flags, "--mock-data"]))
+    pstate = ParallelState.single()
+    loop.set_seed(config.train.seed)
+    model = loop.build_model(config, pstate, torch.device("cpu"))
+    return config, pstate, model
+
+
+def train_synthetic(flags: list[str], steps: int) -> list[float]:
+    from megatron_eff.training import loop
+    from megatron_eff.training.optimizer import build_optimizer
+
+    config, pstate, model = _build(flags)
+    params = {name: p for chunk in model for name, p in chunk.named_parameters()}
+    optimizer = build_optimizer(params.items(), config.optim)
+    precision = PrecisionRuntime(config, model, pstate)
+    autocast = precision.wrap_autocast(loop.autocast_context(config, torch.device("cpu")))
+    batches = synthetic_batches(config.model.vocab_size, config.model.seq_length, config.train.micro_batch_size)
+    m = config.train.num_micro_batches(1)
+    losses = []
+    for _ in range(steps):
+        result = loop.train_step(model, optimizer, batches, m, config, pstate, config.optim.lr, autocast,
+                                 precision=precision)
+        losses.append(result.loss)
+    return losses
+
+
+def gradient_underflow(flags: list[str]) -> dict[str, float]:
+    """{"zero": fraction of weight-gradient elements exactly 0, "subnormal": fraction below FP16's smallest
+    normal (6.1e-5), "fp32_zero": the zero fraction of the same backward in FP32}."""
+    from megatron_eff.training import loop
+
+    config, pstate, model = _build(flags)
+    batch = next(synthetic_batches(config.model.vocab_size, config.model.seq_length, config.train.micro_batch_size))
+    stats = {}
+    for name, autocast in (("", loop.autocast_context(config, torch.device("cpu"))), ("fp32_", None)):
+        for chunk in model:
+            chunk.zero_grad(set_to_none=True)
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            loss = model[0](tokens=batch["tokens"], labels=batch["labels"]).float().mean()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model[0].parameters() if p.grad is not None and p.ndim >= 2])
+        stats[f"{name}zero"] = (grads == 0).float().mean().item()
+        stats[f"{name}subnormal"] = (grads.abs() < torch.finfo(torch.float16).tiny).float().mean().item()
+    return stats

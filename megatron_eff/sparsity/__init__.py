@@ -1,0 +1,1 @@
+"""Sparse training methods (MST), installed on a built model through `training.hooks`."""

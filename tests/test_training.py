@@ -107,3 +107,24 @@ def test_cli_rejects_bad_layout_before_any_work():
     )
     assert proc.returncode == 2
     assert "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3" in proc.stderr
+
+
+def test_sigterm_saves_and_exits(monkeypatch, tmp_path):
+    """--exit-signal-handler: a SIGTERM during iteration 3 saves a checkpoint at 3 and stops cleanly."""
+    import signal
+
+    real_lr = loop.learning_rate
+
+    def lr_and_signal(iteration, config, train_iters):
+        if iteration == 2:  # the step that produces iteration 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr(iteration, config, train_iters)
+
+    monkeypatch.setattr(loop, "learning_rate", lr_and_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        result = run("--train-iters", "10", "--exit-signal-handler", "--save", str(tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.state.iteration == 3 and len(result.losses) == 3
+    assert (tmp_path / TRACKER).read_text() == "3"

@@ -231,16 +231,45 @@ def _layout(pstate: ParallelState) -> dict:
     return {"tp": pstate.tp_size, "pp": pstate.pp_size, "dp": pstate.dp_size}
 
 
-def pretrain(config: Config) -> RunResult:
-    """Run training as configured. Collective under torchrun."""
-    start_time = time.time()
+@dataclass
+class Run:
+    """Everything `pretrain` builds once: the model chunks and what trains them, data, logging, position."""
+
+    config: Config
+    pstate: ParallelState
+    model: list[GPTModel]
+    named_params: dict[str, torch.nn.Parameter]  # global names, over all chunks
+    optimizer: torch.optim.Optimizer
+    grad_sync: GradSync
+    hooks: MethodHooks
+    precision: PrecisionRuntime
+    autocast: object
+    state: TrainState
+    train_ds: object
+    valid_ds: object
+    logger: TrainingLogger
+    is_logger: bool
+
+    def save(self) -> None:
+        if not self.config.checkpoint.save:
+            return
+        path = save_checkpoint(
+            self.config.checkpoint.save, self.state, self.named_params, self.optimizer, self.config.to_dict(),
+            _layout(self.pstate), self.pstate, hooks=self.hooks, extra_state=self.precision.state_tensors(),
+            rank_state=self.precision.rank_state(),
+        )
+        log(f"saved checkpoint {path}", self.pstate.rank == 0)
+
+
+def setup_run(config: Config) -> Run:
+    """Process groups, model, optimizer, gradient sync, method hooks, precision, checkpoint, data, logger."""
     init_distributed()
     pstate = initialize_parallel_state(config.parallel)
     config.parallel.check_model(config.model)
     device = device_for_run()
     set_seed(config.train.seed)
     model = model_chunks(build_model(config, pstate, device))
-    named_params = {name: p for chunk in model for name, p in chunk.named_parameters()}  # global names
+    named_params = {name: p for chunk in model for name, p in chunk.named_parameters()}
     grad_sync = GradSync(
         list(named_params.values()), pstate, bucket_size=config.parallel.ddp_bucket_size,
         overlap=config.parallel.overlap_grad_reduce, shard=config.parallel.use_distributed_optimizer,
@@ -248,11 +277,8 @@ def pretrain(config: Config) -> RunResult:
     optimizer = build_optimizer(named_params.items(), config.optim, grad_sync)
     hooks = build_method_hooks(config, model, optimizer, grad_sync, pstate)  # MST, ...: installed on the model
     precision = PrecisionRuntime(config, model, pstate)  # loss scaling, FP8 state, TE's FP8 autocast
-    autocast = precision.wrap_autocast(autocast_context(config, device))
-    is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
     log(f"model: {sum(p.numel() for p in named_params.values()):,} parameters on this rank "
         f"({pstate.describe()})", pstate.rank == 0)
-
     state = TrainState()
     if config.checkpoint.load:
         state = load_checkpoint(
@@ -262,83 +288,101 @@ def pretrain(config: Config) -> RunResult:
             extra_state=precision.state_tensors(), rank_state_loader=precision.load_rank_state,
         )
         log(f"loaded {config.checkpoint.load} at iteration {state.iteration}", pstate.rank == 0)
-
     train_ds, valid_ds = build_datasets(config, pstate, config.model.vocab_size)
-    gbs = config.train.resolved_global_batch_size(pstate.dp_size)
-    m = config.train.num_micro_batches(pstate.dp_size)
-    mbs = config.train.micro_batch_size
-    batches = micro_batches(train_ds, state.consumed_train_samples, mbs, pstate.dp_rank, pstate.dp_size)
-    tokens_per_iter = gbs * config.model.seq_length
-    # Model FLOPs (no recompute), the numerator of MFU.
-    flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter, config.model.seq_length)
+    is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
     logger = TrainingLogger(
         enabled=is_logger, tensorboard_dir=config.logging.tensorboard_dir, train_iters=config.train.train_iters,
         world_size=pstate.world_size, peak_tflops=config.logging.peak_tflops or guess_peak_tflops(device),
     )
-    exit_signal = _ExitSignal(config.train.exit_signal_handler)
+    autocast = precision.wrap_autocast(autocast_context(config, device))
+    return Run(config, pstate, model, named_params, optimizer, grad_sync, hooks, precision, autocast, state,
+               train_ds, valid_ds, logger, is_logger)
 
-    def save() -> None:
-        if config.checkpoint.save:
-            path = save_checkpoint(config.checkpoint.save, state, named_params, optimizer, config.to_dict(),
-                                   _layout(pstate), pstate, hooks=hooks, extra_state=precision.state_tensors(),
-                                   rank_state=precision.rank_state())
-            log(f"saved checkpoint {path}", pstate.rank == 0)
 
-    bad_steps, grad_norm, lr = 0, float("nan"), config.optim.lr
-    result_log = RunResult(state, [], {})
-    for chunk in model:
+def _account_skips(run: Run, result: StepResult, bad_steps: int) -> int:
+    """Log a skipped step; returns the new count of consecutive non-finite steps (stops at the limit).
+    FP16 overflows are expected now and then (the loss scale adapts) and are not counted."""
+    state, rank0 = run.state, run.pstate.rank == 0
+    if result.overflow:
+        state.skipped_iterations += 1
+        log(f"iteration {state.iteration}: FP16 gradient overflow, step skipped; loss scale now "
+            f"{run.precision.loss_scaler.scale:g}", rank0)
+        return bad_steps
+    if not result.skipped:
+        return 0
+    state.skipped_iterations += 1
+    log(f"WARNING: iteration {state.iteration}: non-finite loss {result.loss} or grad norm "
+        f"{result.grad_norm}; step skipped ({bad_steps + 1} in a row)", rank0)
+    if bad_steps + 1 >= run.config.train.max_bad_steps:
+        raise RuntimeError(f"{bad_steps + 1} consecutive non-finite steps (--max-bad-steps); stopping")
+    return bad_steps + 1
+
+
+def _validate(run: Run, result_log: RunResult) -> None:
+    val = evaluate(run.model, run.valid_ds, run.config, run.pstate, run.autocast)
+    iteration = run.state.iteration
+    log(f"validation at iter {iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}", run.is_logger)
+    result_log.valid_losses[iteration] = val
+    run.logger.scalars(iteration, {"valid/loss": val, "valid/ppl": math.exp(min(val, 50))})
+
+
+def _exit_reason(run: Run, start_time: float, exit_signal: _ExitSignal) -> str | None:
+    """Why to stop after this iteration (all ranks agree), or None to go on."""
+    train = run.config.train
+    minutes = (time.time() - start_time) / 60
+    timed_out = train.exit_duration_in_mins is not None and minutes > train.exit_duration_in_mins
+    if _any_rank(exit_signal.received or timed_out):
+        return "signal" if exit_signal.received else "duration"
+    if train.exit_interval and run.state.iteration % train.exit_interval == 0:
+        return "--exit-interval"
+    return None
+
+
+def pretrain(config: Config) -> RunResult:
+    """Run training as configured. Collective under torchrun."""
+    start_time = time.time()
+    run = setup_run(config)
+    train, pstate, state = config.train, run.pstate, run.state
+    gbs = train.resolved_global_batch_size(pstate.dp_size)
+    num_micro = train.num_micro_batches(pstate.dp_size)
+    batches = micro_batches(run.train_ds, state.consumed_train_samples, train.micro_batch_size, pstate.dp_rank,
+                            pstate.dp_size)
+    tokens_per_iter = gbs * config.model.seq_length
+    # Model FLOPs (no recompute), the numerator of MFU.
+    flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter, config.model.seq_length)
+    exit_signal = _ExitSignal(train.exit_signal_handler)
+    result_log, bad_steps, saved_last = RunResult(state, [], {}), 0, False
+    for chunk in run.model:
         chunk.train()
-    while state.iteration < config.train.train_iters:
-        lr = learning_rate(state.iteration, config.optim, config.train.train_iters)
-        hooks.before_iteration(state.iteration + 1)
-        result = train_step(model, optimizer, batches, m, config, pstate, lr, autocast, grad_sync,
-                            hooks=hooks, iteration=state.iteration + 1, precision=precision)
+    while state.iteration < train.train_iters:
+        lr = learning_rate(state.iteration, config.optim, train.train_iters)
+        run.hooks.before_iteration(state.iteration + 1)
+        result = train_step(run.model, run.optimizer, batches, num_micro, config, pstate, lr, run.autocast,
+                            run.grad_sync, hooks=run.hooks, iteration=state.iteration + 1, precision=run.precision)
         state.iteration += 1
         state.consumed_train_samples += gbs
-        grad_norm = result.grad_norm
-        if result.overflow:  # FP16 loss scaling: expected now and then, the scale adapts
-            state.skipped_iterations += 1
-            log(f"iteration {state.iteration}: FP16 gradient overflow, step skipped; loss scale now "
-                f"{precision.loss_scaler.scale:g}", pstate.rank == 0)
-        elif result.skipped:
-            bad_steps += 1
-            state.skipped_iterations += 1
-            log(f"WARNING: iteration {state.iteration}: non-finite loss {result.loss} or grad norm "
-                f"{result.grad_norm}; step skipped ({bad_steps} in a row)", pstate.rank == 0)
-            if bad_steps >= config.train.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} consecutive non-finite steps (--max-bad-steps); stopping")
-        else:
-            bad_steps = 0
+        bad_steps = _account_skips(run, result, bad_steps)
         result_log.losses.append(result.loss)
-        logger.record(result.loss, tokens_per_iter, flops_per_iter)
-        if state.iteration % config.train.log_interval == 0:
-            logger.flush(state.iteration, state.consumed_train_samples * config.model.seq_length, lr, grad_norm,
-                         extra=hooks.log_scalars())
-        if valid_ds is not None and config.train.eval_iters and state.iteration % config.train.eval_interval == 0:
-            val = evaluate(model, valid_ds, config, pstate, autocast)
-            log(f"validation at iter {state.iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}",
-                is_logger)
-            result_log.valid_losses[state.iteration] = val
-            logger.scalars(state.iteration, {"valid/loss": val, "valid/ppl": math.exp(min(val, 50))})
-        if config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0:
-            save()
-        elapsed_min = (time.time() - start_time) / 60
-        timed_out = config.train.exit_duration_in_mins is not None and elapsed_min > config.train.exit_duration_in_mins
-        if _any_rank(exit_signal.received or timed_out):
-            save()
-            log(f"exiting at iteration {state.iteration} ({'signal' if exit_signal.received else 'duration'})",
-                pstate.rank == 0)
-            break
-        if config.train.exit_interval and state.iteration % config.train.exit_interval == 0:
-            save()
-            log(f"exiting at iteration {state.iteration} (--exit-interval)", pstate.rank == 0)
+        run.logger.record(result.loss, tokens_per_iter, flops_per_iter)
+        if state.iteration % train.log_interval == 0:
+            run.logger.flush(state.iteration, state.consumed_train_samples * config.model.seq_length, lr,
+                             result.grad_norm, extra=run.hooks.log_scalars())
+        if run.valid_ds is not None and train.eval_iters and state.iteration % train.eval_interval == 0:
+            _validate(run, result_log)
+        saved_last = bool(config.checkpoint.save_interval) and state.iteration % config.checkpoint.save_interval == 0
+        if saved_last:
+            run.save()
+        reason = _exit_reason(run, start_time, exit_signal)
+        if reason:
+            if not saved_last:
+                run.save()
+            log(f"exiting at iteration {state.iteration} ({reason})", pstate.rank == 0)
             break
     else:
-        if config.checkpoint.save and not (
-            config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0
-        ):
-            save()
-    if hooks.summary():
-        log(hooks.summary(), is_logger)
-    logger.close()
+        if not saved_last:
+            run.save()
+    summary = run.hooks.summary()
+    if summary:
+        log(summary, run.is_logger)
+    run.logger.close()
     return result_log

@@ -56,15 +56,8 @@ def prepare_data(out: str) -> tuple[str, list[str]]:
     py, tokenizer = sys.executable, os.path.join(out, "tokenizer.model")
     prefixes = [os.path.join(out, "data", d) for d in DOMAINS]
     if not all(os.path.exists(p + "_text_document.idx") for p in prefixes):
-        corpus = os.path.join(out, "corpus")
-        run = lambda *cmd: subprocess.run([py, *cmd], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        run("tools/corpus_to_jsonl.py", "--output-dir", corpus, "--combined", os.path.join(corpus, "all.jsonl"))
-        run("tools/train_tokenizer.py", "--input", os.path.join(corpus, "all.jsonl"), "--json-keys", "text",
-            "--model-prefix", os.path.join(out, "tokenizer"), "--vocab-size", "2048", "--model-type", "bpe")
-        for domain, prefix in zip(DOMAINS, prefixes):
-            run("tools/preprocess_data.py", "--input", os.path.join(corpus, f"{domain}.jsonl"), "--json-keys",
-                "text", "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer",
-                "--tokenizer-model", tokenizer, "--append-eod", "--workers", "2")
+        env = {**os.environ, "PY": py, "OUT": out}
+        subprocess.run(["bash", "examples/prepare_corpus.sh"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     blend = []
     for weight, prefix in zip(("0.6", "0.3", "0.1"), prefixes):
         blend += [weight, prefix + "_text_document"]

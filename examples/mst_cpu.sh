@@ -13,15 +13,7 @@ ITERS=${ITERS:-200}
 mkdir -p "$OUT"
 
 if [[ ! -f "$OUT/data/britannica_text_document.idx" ]]; then
-  echo "== shipped corpus -> tokenizer -> .bin/.idx"
-  $PY tools/corpus_to_jsonl.py --output-dir "$OUT/corpus" --combined "$OUT/corpus/all.jsonl"
-  $PY tools/train_tokenizer.py --input "$OUT/corpus/all.jsonl" --json-keys text \
-      --model-prefix "$OUT/tokenizer" --vocab-size 2048 --model-type bpe
-  for domain in shakespeare milton britannica; do
-    $PY tools/preprocess_data.py --input "$OUT/corpus/$domain.jsonl" --json-keys text \
-        --output-prefix "$OUT/data/$domain" --tokenizer-type SentencePieceTokenizer \
-        --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
-  done
+  PY=$PY OUT=$OUT bash examples/prepare_corpus.sh
 fi
 
 echo "== MST pretraining (phases 25/50/25 % of $ITERS iterations, s_max 0.9, ER, HSA 'sparse' w=16)"

@@ -11,19 +11,8 @@ EVAL_INTERVAL=${EVAL_INTERVAL:-50}
 SAVE_INTERVAL=${SAVE_INTERVAL:-100}
 mkdir -p "$OUT"
 
-echo "== 1/5 shipped corpus -> JSON lines (one file per domain)"
-$PY tools/corpus_to_jsonl.py --output-dir "$OUT/corpus" --combined "$OUT/corpus/all.jsonl"
-
-echo "== 2/5 sentencepiece BPE tokenizer"
-$PY tools/train_tokenizer.py --input "$OUT/corpus/all.jsonl" --json-keys text \
-    --model-prefix "$OUT/tokenizer" --vocab-size 2048 --model-type bpe
-
-echo "== 3/5 preprocess each domain into Megatron .bin/.idx"
-for domain in shakespeare milton britannica; do
-  $PY tools/preprocess_data.py --input "$OUT/corpus/$domain.jsonl" --json-keys text \
-      --output-prefix "$OUT/data/$domain" --tokenizer-type SentencePieceTokenizer \
-      --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
-done
+echo "== 1-3/5 shipped corpus -> tokenizer -> Megatron .bin/.idx (examples/prepare_corpus.sh)"
+PY=$PY OUT=$OUT bash examples/prepare_corpus.sh
 
 echo "== 4/5 pretrain a tiny LLaMA (RMSNorm, SwiGLU, RoPE, GQA) on a 60/30/10 blend"
 rm -rf "$OUT/checkpoints"

@@ -83,7 +83,10 @@ class GPTModel(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         sequence_parallel: bool = False,
+        seed: int | None = 0,
     ):
+        """`seed` draws the initial weights (see `init_weights`); None leaves them uninitialised, for a
+        transform that changes the init rules (Unit Scaling) to call `init_weights` afterwards."""
         super().__init__()
         self.config = config
         self.pstate = pstate or ParallelState.single()
@@ -109,7 +112,8 @@ class GPTModel(nn.Module):
         if post_process:
             self.register_buffer("vocab_padding_bias", self._vocab_padding_bias(), persistent=False)
         self.output_gemm = nn.functional.linear  # the logits GEMM; Unit Scaling swaps in a scaled one
-        self.init_weights(seed=0)
+        if seed is not None:
+            self.init_weights(seed)
 
     def init_weights(self, seed: int) -> None:
         """Same seed -> same full weights whatever the TP/PP layout (tensors seeded by global name)."""

@@ -83,10 +83,10 @@ def build_model(config: Config, pstate: ParallelState, device: torch.device) -> 
         model = GPTModel(
             config.model, pstate, layer_range=layer_range, pre_process=pstate.is_first_stage and v == 0,
             post_process=pstate.is_last_stage and v == len(ranges) - 1,
-            sequence_parallel=config.parallel.sequence_parallel,
+            sequence_parallel=config.parallel.sequence_parallel, seed=None,
         )
         apply_precision(model, config.precision, config.model)  # FP8 emulation, Unit Scaling: transforms
-        model.init_weights(config.train.seed)
+        model.init_weights(config.train.seed)  # after the transforms, which may change the init rules
         chunks.append(model.to(device))
     return chunks
 

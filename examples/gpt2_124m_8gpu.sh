@@ -11,28 +11,15 @@
 # Without data files, MOCK=1 trains on synthetic tokens (a smoke test of the layout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source examples/gpu_common.sh
 OUT=${OUT:-work_dirs/gpt2_124m}
 MICRO_BATCH=${MICRO_BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-512}   # 512 x 1024 tokens = 0.5M tokens per step, as GPT-2/nanoGPT
 ITERS=${ITERS:-20000}
 
-if [[ "${MOCK:-0}" == 1 ]]; then
-  DATA_ARGS=(--mock-data --vocab-size 50257)
-else
-  DATA_ARGS=(--data-path "${DATA:?set DATA=PREFIX_text_document (or MOCK=1)}" --split 969,30,1
-             --tokenizer-type GPT2BPETokenizer --vocab-file "${VOCAB:?set VOCAB}" --merge-file "${MERGES:?set MERGES}")
-fi
+data_args gpt2 50257
 
-$PY -m torch.distributed.run \
-    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    pretrain.py \
+launch \
     --model-preset gpt2-124m \
     --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
     --use-distributed-optimizer --overlap-grad-reduce \

@@ -12,12 +12,7 @@
 # Without data files, MOCK=1 trains on synthetic tokens (a smoke test of the layout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source examples/gpu_common.sh
 OUT=${OUT:-work_dirs/llama_1b}
 TP=${TP:-2}
 PP=${PP:-1}
@@ -25,17 +20,9 @@ MICRO_BATCH=${MICRO_BATCH:-4}
 GLOBAL_BATCH=${GLOBAL_BATCH:-256}   # 256 x 2048 tokens = 0.5M tokens per step
 ITERS=${ITERS:-50000}
 
-if [[ "${MOCK:-0}" == 1 ]]; then
-  DATA_ARGS=(--mock-data --vocab-size 32000)
-else
-  DATA_ARGS=(--data-path "${DATA:?set DATA=PREFIX_text_document (or MOCK=1)}" --split 969,30,1
-             --tokenizer-type SentencePieceTokenizer --tokenizer-model "${TOKENIZER:?set TOKENIZER}")
-fi
+data_args sentencepiece 32000
 
-$PY -m torch.distributed.run \
-    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    pretrain.py \
+launch \
     --model-preset llama-1b \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel \
     --use-distributed-optimizer --overlap-grad-reduce \

@@ -8,27 +8,22 @@
 #
 #   DATA=/data/owt_text_document VOCAB=gpt2-vocab.json MERGES=gpt2-merges.txt bash examples/mst_gpt2_124m.sh
 #   MOCK=1 ITERS=200 bash examples/mst_gpt2_124m.sh      # smoke test on synthetic tokens
+# Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as in examples/gpu_common.sh; keep GLOBAL_BATCH
+# divisible by MICRO_BATCH x 8 x NNODES (e.g. MICRO_BATCH=6 on 2 nodes).
 #
 # The log prints mst/sparsity, flops/actual, flops/saved_x (cumulative training-FLOP reduction) every
 # --log-interval (also in TensorBoard under train/), and a final "MST: ..." summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+source examples/gpu_common.sh
 OUT=${OUT:-work_dirs/mst_gpt2_124m}
 MICRO_BATCH=${MICRO_BATCH:-12}
 GLOBAL_BATCH=${GLOBAL_BATCH:-480}
 ITERS=${ITERS:-600000}
 
-if [[ "${MOCK:-0}" == 1 ]]; then
-  DATA_ARGS=(--mock-data --vocab-size 50257)
-else
-  DATA_ARGS=(--data-path "${DATA:?set DATA=PREFIX_text_document (or MOCK=1)}" --split 969,30,1
-             --tokenizer-type GPT2BPETokenizer --vocab-file "${VOCAB:?set VOCAB}" --merge-file "${MERGES:?set MERGES}")
-fi
+data_args gpt2 50257
 
-$PY -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" \
-    pretrain.py \
+launch \
     --model-preset gpt2-124m --disable-bias-linear \
     --use-distributed-optimizer --overlap-grad-reduce \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$ITERS" \

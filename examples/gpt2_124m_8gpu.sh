@@ -22,7 +22,7 @@ data_args gpt2 50257
 launch \
     --model-preset gpt2-124m \
     --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
-    --use-distributed-optimizer --overlap-grad-reduce \
+    --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$ITERS" \
     --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 700 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 \

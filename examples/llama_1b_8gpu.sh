@@ -25,7 +25,7 @@ data_args sentencepiece 32000
 launch \
     --model-preset llama-1b \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel \
-    --use-distributed-optimizer --overlap-grad-reduce \
+    --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$ITERS" \
     --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --recompute-activations \

@@ -66,6 +66,8 @@ def _parallel_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: overlap the parameter all-gather with the next forward")
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
                    help="elements per data-parallel gradient bucket (default 40M, as Megatron-LM)")
 
@@ -249,6 +251,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             sequence_parallel=args.sequence_parallel,
             use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather,
             ddp_bucket_size=args.ddp_bucket_size,
         ),
         optim=OptimizerConfig(

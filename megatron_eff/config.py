@@ -159,6 +159,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # wait for each bucket's parameter all-gather in the next forward
     ddp_bucket_size: int = 40_000_000  # elements per data-parallel gradient bucket (Megatron's default)
 
     def __post_init__(self) -> None:
@@ -175,6 +176,10 @@ class ParallelConfig:
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
         )
         _require(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
+        _require(
+            not self.overlap_param_gather or self.use_distributed_optimizer,
+            "--overlap-param-gather needs --use-distributed-optimizer",
+        )
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size

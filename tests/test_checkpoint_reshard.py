@@ -36,8 +36,8 @@ def straight(llama_reference):
 
 
 SAVE_LAYOUTS = [
-    pytest.param(["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce"],
-                 id="tp2-dp2-distopt"),
+    pytest.param(["--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                  "--overlap-param-gather"], id="tp2-dp2-distopt"),  # saved right after an overlapped step
     pytest.param(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], id="tp2-pp2"),
 ]
 

@@ -50,6 +50,7 @@ def test_gpt_tp2_sequence_parallel_matches_single_process(tmp_path, gpt_referenc
     [
         ("dp2", "llama_reference", [*TINY_FLAGS, *SMALL_BUCKETS], 2, 2),
         ("tp2-sp-dp2", "gpt_reference", [*GPT_TINY_FLAGS, *TP2, "--sequence-parallel", *SMALL_BUCKETS], 4, 2),
+        ("dp2-overlap-param-gather", "llama_reference", [*TINY_FLAGS, *SMALL_BUCKETS, "--overlap-param-gather"], 2, 2),
     ],
 )
 def test_distributed_optimizer_matches_and_shards_state(tmp_path, request, name, reference, flags, nproc, dp):
@@ -103,6 +104,58 @@ def test_buckets_reduce_during_last_micro_batch_only(monkeypatch):
         (model(tokens=tokens[i], labels=tokens[i]).mean() / 3).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(bucketed[name], p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class _DeferredGather:
+    """A fake all-gather that lands only when waited for, bringing `gathered` (the other rank's updates)."""
+
+    def __init__(self, out: torch.Tensor, gathered: torch.Tensor):
+        self.out, self.gathered = out, gathered
+
+    def wait(self) -> None:
+        self.out.copy_(self.gathered)
+
+
+def test_overlap_param_gather_waits_per_module_in_forward(monkeypatch):
+    """After the step nothing is waited for; the next forward waits bucket by bucket (the logits layer, read
+    without its forward, up front) and computes with the gathered weights."""
+    config = config_from_args(parse_args([*TINY_FLAGS, "--num-layers", "2"])).model  # untied output layer
+    model = GPTModel(config)
+    pstate = ParallelState(dp_size=2, world_size=2, dp_group=object())
+    logits_weight = model.output_layer.weight
+    sync = GradSync(list(model.parameters()), pstate, bucket_size=logits_weight.numel(), shard=True,
+                    overlap_param_gather=True)
+    assert sync.buckets[0].params == [logits_weight]  # no other module's hook waits for its bucket
+    sync.install_param_gather_hooks([model])
+    tokens = torch.randint(0, config.vocab_size, (2, config.seq_length))
+    model(tokens=tokens, labels=tokens)  # the first forward learns which modules run
+
+    gathered = sync.param_buffer + 0.01 * torch.randn_like(sync.param_buffer)  # the stepped weights of all ranks
+    base = sync.param_buffer.storage_offset()
+
+    def fake_all_gather(out, shard, group=None, async_op=False):
+        start = out.storage_offset() - base
+        return _DeferredGather(out, gathered[start:start + out.numel()])
+
+    monkeypatch.setattr(data_parallel, "_all_gather_flat", fake_all_gather)
+    sync.all_gather_params()
+    assert len(sync.buckets) >= 3 and all(b.param_gather is not None for b in sync.buckets)
+    pending_at_embedding = []
+    model.embedding.register_forward_pre_hook(
+        lambda module, args: pending_at_embedding.append(sum(b.param_gather is not None for b in sync.buckets)))
+    with torch.no_grad():
+        loss = model(tokens=tokens, labels=tokens)
+    assert pending_at_embedding == [len(sync.buckets) - 1]  # only the logits layer's bucket waited up front
+    assert not sync.param_gather_pending()
+    sync.finish_param_gather()  # idempotent
+    sync.param_buffer.copy_(gathered)
+    with torch.no_grad():
+        torch.testing.assert_close(loss, model(tokens=tokens, labels=tokens), rtol=0, atol=0)
+
+
+def test_overlap_param_gather_needs_distributed_optimizer():
+    with pytest.raises(ValueError, match="--overlap-param-gather needs --use-distributed-optimizer"):
+        config_from_args(parse_args([*TINY_FLAGS, "--overlap-param-gather"]))
 
 
 def test_sequence_parallel_flags_cover_norms_and_row_biases():

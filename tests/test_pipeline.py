@@ -159,7 +159,7 @@ def test_simulation_catches_a_deadlock():
         ("pp2", PP2, 2),
         ("pp2-vpp", [*PP2, *VPP1], 2),
         ("pp2-dp2-vpp-distopt-overlap", [*PP2, *VPP1, "--use-distributed-optimizer", "--overlap-grad-reduce",
-                                         "--ddp-bucket-size", "4000"], 4),
+                                         "--overlap-param-gather", "--ddp-bucket-size", "4000"], 4),
         ("tp2-pp2", [*TP2, *PP2], 4),
         ("tp2-pp2-sp-vpp", [*TP2, *PP2, *VPP1, "--sequence-parallel"], 4),
         ("tp2-pp2-dp2", [*TP2, *PP2], 8),

@@ -24,6 +24,14 @@ Data-parallel rank r owns the r-th 1/dp slice of every bucket: gradients are red
 into the owned slices, `DistributedOptimizer` runs AdamW on views of the owned slices only (its moments
 are 1/dp of the model), then every bucket's parameters are all-gathered back.
 
+Overlapped parameter gather (`--overlap-param-gather`): the all-gathers after the step are launched but
+not waited for; a forward pre-hook on each module waits for the buckets of that module's own parameters,
+so the gathers overlap the next forward. A parameter read outside its module's forward (the logits layer's
+weight, read by the model itself) is caught by a pre-hook on the model chunk: the first forward of a chunk
+waits for all its buckets and records which modules ran; afterwards the chunk waits up front only for the
+buckets of modules that did not run. Code that reads or writes parameters outside a forward (method hooks
+after the step, checkpoints, the next step) calls `finish_param_gather()` first; it is idempotent.
+
 Every step is a no-op when its group has one rank, so a single-process run pays nothing.
 """
 
@@ -88,6 +96,7 @@ class Bucket:
     deferred: bool = False  # reduced in finish(), after its model-parallel reductions
     waiting: int = 0  # parameters whose final gradient of the iteration is not there yet
     work: list = field(default_factory=list)  # (handle, scratch) of the in-flight reduction
+    param_gather: tuple | None = None  # (handle, shard) of the in-flight parameter all-gather
 
     @property
     def numel(self) -> int:
@@ -130,10 +139,11 @@ class GradSync:
     (with `shard=True`: only the owned slices of the grad buffer are, see `owned_range`)."""
 
     def __init__(self, params, pstate: ParallelState, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
-                 overlap: bool = False, shard: bool = False):
+                 overlap: bool = False, shard: bool = False, overlap_param_gather: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.pstate, self.dp_group, self.dp_size = pstate, pstate.dp_group, pstate.dp_size
         self.overlap, self.shard = overlap and self.dp_size > 1, shard
+        self.overlap_param_gather = overlap_param_gather and shard and self.dp_size > 1
         self.buckets, self.offsets, total = _plan_buckets(self.params, pstate, bucket_size)
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         device = self.params[0].device
@@ -226,17 +236,35 @@ class GradSync:
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
-        """After a sharded step: every rank gets every bucket's updated parameters."""
+        """After a sharded step: every rank gets every bucket's updated parameters. With
+        `overlap_param_gather` the all-gathers are only launched (in the order forward needs them)."""
         if not self.shard or self.dp_size == 1:
             return
-        handles = []
-        for bucket in self.buckets:
+        for bucket in reversed(self.buckets):  # the deferred bucket (embeddings, norms) and the first layers first
             lo, hi = self.owned_range(bucket)
             shard = self.param_buffer[lo:hi].clone()
             out = self.param_buffer[bucket.start:bucket.end]
-            handles.append(_all_gather_flat(out, shard, group=self.dp_group, async_op=True))
-        for handle in handles:
-            handle.wait()
+            bucket.param_gather = (_all_gather_flat(out, shard, group=self.dp_group, async_op=True), shard)
+        if not self.overlap_param_gather:
+            self.finish_param_gather()
+
+    def finish_param_gather(self, buckets=None) -> None:
+        """Wait for the pending parameter all-gathers of `buckets` (default: all); a no-op when none is."""
+        for bucket in self.buckets if buckets is None else buckets:
+            if bucket.param_gather is not None:
+                bucket.param_gather[0].wait()
+                bucket.param_gather = None
+
+    def param_gather_pending(self) -> bool:
+        return any(bucket.param_gather is not None for bucket in self.buckets)
+
+    def install_param_gather_hooks(self, chunks) -> None:
+        """Forward pre-hooks on every module of `chunks` (this rank's model chunks) that holds parameters:
+        wait for its buckets' all-gathers just before it runs (see the module docstring)."""
+        if not self.overlap_param_gather:
+            return
+        for chunk in chunks:
+            _ChunkParamGather(self, chunk)
 
     @torch.no_grad()
     def all_gather_grads(self) -> None:
@@ -262,6 +290,43 @@ class GradSync:
                 a, b = max(lo, start), min(hi, start + p.numel())
                 if a < b:
                     yield p, a, b
+
+
+class _ChunkParamGather:
+    """The param-gather pre-hooks of one model chunk: one per module holding parameters, and one on the chunk
+    for the parameters that are read without their module's forward (learned on the chunk's first forward)."""
+
+    def __init__(self, sync: GradSync, chunk: torch.nn.Module):
+        self.sync = sync
+        self.buckets_of = {}  # module -> the buckets of its own parameters
+        for module in chunk.modules():
+            buckets = {id(sync.bucket_of[p]): sync.bucket_of[p]
+                       for p in module.parameters(recurse=False) if p in sync.bucket_of}
+            if buckets:
+                self.buckets_of[module] = list(buckets.values())
+        self.unhooked = None  # buckets of modules whose forward did not run; None until the first forward
+        self.ran = set()
+        chunk.register_forward_pre_hook(self._before_chunk)
+        chunk.register_forward_hook(self._after_chunk)
+        for module in self.buckets_of:
+            if module is not chunk:
+                module.register_forward_pre_hook(self._before_module)
+
+    def _before_chunk(self, chunk, args) -> None:
+        if self.unhooked is None:  # first forward: wait for everything, and see which modules run
+            self.sync.finish_param_gather([b for buckets in self.buckets_of.values() for b in buckets])
+        else:
+            self.sync.finish_param_gather(self.unhooked)
+
+    def _before_module(self, module, args) -> None:
+        if self.unhooked is None:
+            self.ran.add(module)
+        self.sync.finish_param_gather(self.buckets_of[module])
+
+    def _after_chunk(self, chunk, args, output) -> None:
+        if self.unhooked is None:
+            skipped = {id(b): b for m, buckets in self.buckets_of.items() if m not in self.ran for b in buckets}
+            self.unhooked, self.ran = list(skipped.values()), set()
 
 
 _PIECE_ATTRS = ("partition_dim", "sequence_parallel", "shared_embedding")
@@ -309,6 +374,7 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        self.grad_sync.finish_param_gather()  # a bucket no forward used may still be gathering into the buffer
         self.optimizer.step()
         self.grad_sync.all_gather_params()
 

@@ -170,6 +170,8 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
     if precision is not None:
         precision.end_step(overflow=False)
     if hooks is not None:
+        if hooks and grad_sync is not None:  # methods read and write the weights: finish the parameter gather
+            grad_sync.finish_param_gather()
         hooks.after_step(iteration)
     return StepResult(loss, grad_norm, skipped=False)
 
@@ -253,6 +255,7 @@ class Run:
     def save(self) -> None:
         if not self.config.checkpoint.save:
             return
+        self.grad_sync.finish_param_gather()  # --overlap-param-gather: the stepped weights, not the last forward's
         path = save_checkpoint(
             self.config.checkpoint.save, self.state, self.named_params, self.optimizer, self.config.to_dict(),
             _layout(self.pstate), self.pstate, hooks=self.hooks, extra_state=self.precision.state_tensors(),
@@ -273,7 +276,9 @@ def setup_run(config: Config) -> Run:
     grad_sync = GradSync(
         list(named_params.values()), pstate, bucket_size=config.parallel.ddp_bucket_size,
         overlap=config.parallel.overlap_grad_reduce, shard=config.parallel.use_distributed_optimizer,
+        overlap_param_gather=config.parallel.overlap_param_gather,
     )
+    grad_sync.install_param_gather_hooks(model)  # --overlap-param-gather: wait per module in the next forward
     optimizer = build_optimizer(named_params.items(), config.optim, grad_sync)
     hooks = build_method_hooks(config, model, optimizer, grad_sync, pstate)  # MST, ...: installed on the model
     precision = PrecisionRuntime(config, model, pstate)  # loss scaling, FP8 state, TE's FP8 autocast
@@ -381,6 +386,7 @@ def pretrain(config: Config) -> RunResult:
     else:
         if not saved_last:
             run.save()
+    run.grad_sync.finish_param_gather()  # the last step's weights, for whoever reads the model next
     summary = run.hooks.summary()
     if summary:
         log(summary, run.is_logger)

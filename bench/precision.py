@@ -11,10 +11,13 @@ GPU (needs CUDA + Transformer Engine; `pip install --no-build-isolation transfor
     .venv/bin/python bench/precision.py --gpu --preset llama-350m --iters 200 --micro-batch-size 8
     .venv/bin/python bench/precision.py --gpu --preset llama-1b --iters 200 --micro-batch-size 4 \
         --recipes delayed tensorwise mxfp8
+    .venv/bin/python bench/precision.py --gpu --preset llama-350m --iters 200 --micro-batch-size 8 \
+        --fp8-gemm scaled_mm                                  # torch._scaled_mm FP8 GEMMs, no TE needed
 
-The GPU mode runs `pretrain` on mock data with `--bf16 --transformer-impl transformer_engine`, once
-without FP8 and once per `--fp8-recipe` (hybrid format), and prints the final losses (mean of the last
-10 iterations), the loss gap to BF16 and tokens/s (median over iterations after 10 warm-up ones).
+The GPU mode runs `pretrain` on mock data with `--bf16 --transformer-impl transformer_engine` (with
+`--fp8-gemm scaled_mm`: `--transformer-impl local`, delayed/tensorwise recipes only), once without FP8 and
+once per `--fp8-recipe` (hybrid format), and prints the final losses (mean of the last 10 iterations),
+the loss gap to BF16 and tokens/s (median over iterations after 10 warm-up ones).
 Figures are measured and printed, never asserted.
 """
 
@@ -62,11 +65,14 @@ def run_gpu(args) -> None:
     from megatron_eff.arguments import config_from_args, parse_args
     from megatron_eff.training import loop
 
-    base = ["--model-preset", args.preset, "--mock-data", "--bf16", "--transformer-impl", "transformer_engine",
+    te = args.fp8_gemm == "te"
+    base = ["--model-preset", args.preset, "--mock-data", "--bf16",
+            "--transformer-impl", "transformer_engine" if te else "local",
             "--micro-batch-size", str(args.micro_batch_size), "--train-iters", str(args.iters), "--lr", "3e-4",
             "--lr-warmup-iters", "20", "--eval-iters", "0", "--log-interval", "10"]
+    gemm = [] if te else ["--fp8-gemm", "scaled_mm"]
     variants = {"bf16": []}
-    variants.update({f"fp8 hybrid {r}": ["--fp8-format", "hybrid", "--fp8-recipe", r] for r in args.recipes})
+    variants.update({f"fp8 hybrid {r}": ["--fp8-format", "hybrid", "--fp8-recipe", r, *gemm] for r in args.recipes})
     finals = {}
     for name, flags in variants.items():
         times, last = [], [time.perf_counter()]
@@ -105,6 +111,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--recipes", nargs="+", default=["delayed", "tensorwise"],
                         choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
+    parser.add_argument("--fp8-gemm", choices=["te", "scaled_mm"], default="te",
+                        help="GPU FP8 GEMMs: Transformer Engine, or torch._scaled_mm on the local backend")
     args = parser.parse_args()
     run_cpu(args.steps) if args.cpu else run_gpu(args)
 

@@ -188,6 +188,9 @@ def _precision_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-amax-history-len", type=int, default=1024, help="delayed scaling: amax history steps")
     g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="max")
     g.add_argument("--fp8-margin", type=int, default=0, help="scale = fp8_max / amax / 2**margin")
+    g.add_argument("--fp8-gemm", choices=["emulate", "scaled_mm"], default="emulate",
+                   help="local backend's FP8 GEMMs: emulate (fake-quantised inputs, FP32/BF16 GEMM) or scaled_mm "
+                        "(real FP8 GEMMs with torch._scaled_mm, no TE needed; delayed/tensorwise recipes)")
     g.add_argument("--first-last-layers-bf16", action="store_true",
                    help="keep the first and the last transformer layer out of FP8")
     g.add_argument("--loss-scale", type=float, help="static FP16 loss scale (default: dynamic loss scaling)")
@@ -208,7 +211,8 @@ def _precision_group(parser: argparse.ArgumentParser) -> None:
 def precision_config_from_args(args: argparse.Namespace) -> PrecisionConfig:
     names = ["fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin",
              "first_last_layers_bf16", "loss_scale", "initial_loss_scale", "loss_scale_window", "min_loss_scale",
-             "hysteresis", "unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp"]
+             "hysteresis", "unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp",
+             "fp8_gemm"]
     return PrecisionConfig(**{name: getattr(args, name) for name in names})
 
 

@@ -439,6 +439,7 @@ class PrecisionConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"  # max | most_recent
     fp8_margin: int = 0
+    fp8_gemm: str = "emulate"  # local backend: emulate (fake-quantised) | scaled_mm (torch._scaled_mm FP8 GEMMs)
     first_last_layers_bf16: bool = False  # keep the first and last transformer layer out of FP8
     loss_scale: float | None = None  # static FP16 loss scale; None: dynamic
     initial_loss_scale: float = 2.0**16
@@ -465,6 +466,12 @@ class PrecisionConfig:
             f"--fp8-amax-compute-algo must be max or most_recent, got {self.fp8_amax_compute_algo!r}",
         )
         _require(self.fp8_margin >= 0, f"--fp8-margin must be >= 0, got {self.fp8_margin}")
+        _require(self.fp8_gemm in ("emulate", "scaled_mm"),
+                 f"--fp8-gemm must be emulate or scaled_mm, got {self.fp8_gemm!r}")
+        _require(self.fp8_gemm == "emulate" or self.fp8, "--fp8-gemm scaled_mm needs --fp8-format")
+        _require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise"),
+                 f"--fp8-gemm scaled_mm supports the per-tensor recipes (--fp8-recipe delayed or tensorwise), "
+                 f"got --fp8-recipe {self.fp8_recipe}")
         _require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
         _require(self.loss_scale is None or self.loss_scale > 0,
                  f"--loss-scale must be positive, got {self.loss_scale}")
@@ -485,6 +492,8 @@ class PrecisionConfig:
         _require(not (self.fp8 and train.fp16),
                  "--fp8-format runs its non-FP8 ops in BF16 or FP32: use --bf16 (or neither), not --fp16")
         _require(self.loss_scale is None or train.fp16, "--loss-scale needs --fp16")
+        _require(self.fp8_gemm == "emulate" or model.transformer_impl == "local",
+                 "--fp8-gemm scaled_mm is for --transformer-impl local (Transformer Engine runs its own FP8 GEMMs)")
         if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
             block = 32 if self.fp8_recipe == "mxfp8" else 128
             sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}

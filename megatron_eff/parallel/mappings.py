@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_eff.autograd import forward_backward_function
+
 # torch >= 2.10 renamed the flat-tensor collectives (the old names warn); keep working with both.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -81,17 +83,9 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _mapping(name: str, forward_fn, backward_fn):
-    """Build an autograd Function whose forward and backward are the given collectives."""
-
-    def forward(ctx, x, group):
-        ctx.group = group
-        return forward_fn(x, group)
-
-    def backward(ctx, grad):
-        return backward_fn(grad, ctx.group), None
-
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-    return lambda x, group: x if _size(group) == 1 else fn.apply(x, group)
+    """`f(x, group)`: the collective `forward_fn` in forward, `backward_fn` on the gradient; identity on one rank."""
+    fn = forward_backward_function(name, forward_fn, backward_fn)
+    return lambda x, group: x if _size(group) == 1 else fn(x, group)
 
 
 copy_to_tensor_parallel_region = _mapping("_CopyToTP", lambda x, g: x, _all_reduce)

@@ -9,6 +9,14 @@ cast to a torch float8 dtype and back, and the output gradient gets the same tre
 the dgrad/wgrad GEMMs. The GEMM itself runs in the autocast dtype (FP32 or BF16), so results equal those of
 an FP8 GEMM with higher-precision accumulation. Gradients pass straight through the quantiser.
 
+Real FP8 GEMMs (`--fp8-gemm scaled_mm`, per-tensor recipes only): `ScaledMmFp8Gemm` quantises x, W and the
+output gradient the same way (same scales, same amax records) and runs forward, dgrad and wgrad with
+`torch._scaled_mm` (E4M3 x E4M3; E5M2 gradient x E4M3 under hybrid), FP32 accumulation, output in the
+autocast dtype. torch's FP8 path without Transformer Engine: FP8 tensor cores on an sm89+ GPU; on CPU a
+reference kernel (a little slower than the emulation). The GPU kernel wants W's sizes divisible by 16 (checked at
+model build on every device; the token dim is zero-padded for wgrad) and cuBLASLt's row-major x
+column-major operands (W gets a transposed FP8 copy for dgrad, x and the gradient for wgrad).
+
 Recipes (`--fp8-recipe`) = how the per-tensor scale is chosen, scale = fp8_max / amax / 2**margin:
 - `delayed` (TE's DelayedScaling): the scale comes from the amax *history* (max over it, or the most recent
   entry). Each linear keeps `Fp8Meta` buffers: `amax_history [len, 3]` and `scale [3]` for (input, weight,
@@ -36,6 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_eff.autograd import forward_backward_function
+
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 INPUT, WEIGHT, GRAD_OUTPUT = 0, 1, 2  # the three tensors of one GEMM that get a scale
 
@@ -53,11 +63,12 @@ class Fp8Recipe:
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"  # max | most_recent
     margin: int = 0
+    gemm: str = "emulate"  # emulate (fake-quantised, high-precision GEMM) | scaled_mm (torch._scaled_mm)
 
     @classmethod
     def from_config(cls, precision) -> Fp8Recipe:
         return cls(precision.fp8_format, precision.fp8_recipe, precision.fp8_amax_history_len,
-                   precision.fp8_amax_compute_algo, precision.fp8_margin)
+                   precision.fp8_amax_compute_algo, precision.fp8_margin, precision.fp8_gemm)
 
     @property
     def forward_dtype(self) -> torch.dtype:
@@ -78,12 +89,16 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> 
     return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """dequantise(quantise(x)): scale, clip to +-fp8_max (saturate), cast to `dtype` and back, unscale.
-    Returns x's dtype. Values below the format's smallest subnormal (after scaling) flush to zero."""
+def quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """x * scale, clipped to +-fp8_max (saturating) and cast to the float8 `dtype`. Values below the format's
+    smallest subnormal (after scaling) flush to zero."""
     limit = fp8_max(dtype)
-    q = (x.float() * scale).clamp_(-limit, limit).to(dtype)
-    return (q.float() / scale).to(x.dtype)
+    return (x.float() * scale).clamp_(-limit, limit).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """dequantise(quantise(x)): `quantize`, cast back and unscale. Returns x's dtype."""
+    return (quantize(x, scale, dtype).float() / scale).to(x.dtype)
 
 
 def block_fake_quantize(x: torch.Tensor, block_rows: int, block_cols: int, dtype: torch.dtype,
@@ -100,29 +115,10 @@ def block_fake_quantize(x: torch.Tensor, block_rows: int, block_cols: int, dtype
     return fake_quantize(blocks, scale, dtype).reshape(shape).to(x.dtype)
 
 
-class _FakeQuantize(torch.autograd.Function):
-    """Forward: fake-quantise. Backward: straight through."""
-
-    @staticmethod
-    def forward(ctx, x, quantize):
-        return quantize(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _FakeQuantizeGrad(torch.autograd.Function):
-    """Forward: identity. Backward: fake-quantise the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, y, quantize):
-        ctx.quantize = quantize
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.quantize(grad), None
+_fake_quantize = forward_backward_function(  # forward: fake-quantise; backward: straight through
+    "_FakeQuantize", lambda x, quantize: quantize(x), lambda grad, quantize: grad)
+_fake_quantize_grad = forward_backward_function(  # forward: identity; backward: fake-quantise the gradient
+    "_FakeQuantizeGrad", lambda y, quantize: y.view_as(y), lambda grad, quantize: quantize(grad))
 
 
 class Fp8Meta(nn.Module):
@@ -147,15 +143,21 @@ class Fp8Gemm:
     def __init__(self, recipe: Fp8Recipe, meta: Fp8Meta):
         self.recipe, self.meta = recipe, meta
 
+    def tensor_scale(self, slot: int, t: torch.Tensor) -> torch.Tensor:
+        """Record t's amax (delayed scaling's history) and return its per-tensor scale: the delayed scale in
+        `Fp8Meta`, or (tensorwise) the one from t's own amax."""
+        self.meta.record(slot, t)
+        if self.recipe.recipe == "delayed":
+            return self.meta.scale[slot]
+        return scale_from_amax(t.detach().abs().amax(), self.recipe.dtype(slot), self.recipe.margin)
+
     def _quantizer(self, slot: int):
         recipe, dtype = self.recipe, self.recipe.dtype(slot)
 
         def quantize(t: torch.Tensor) -> torch.Tensor:
+            if recipe.recipe in ("delayed", "tensorwise"):
+                return fake_quantize(t, self.tensor_scale(slot, t), dtype)
             self.meta.record(slot, t)
-            if recipe.recipe == "delayed":
-                return fake_quantize(t, self.meta.scale[slot], dtype)
-            if recipe.recipe == "tensorwise":
-                return fake_quantize(t, scale_from_amax(t.detach().abs().amax(), dtype, recipe.margin), dtype)
             if recipe.recipe == "mxfp8":
                 return block_fake_quantize(t, 1, 32, dtype, power_of_two=True)
             rows = 128 if slot == WEIGHT and t.shape[0] % 128 == 0 else 1  # blockwise: 128x128 weights
@@ -164,10 +166,65 @@ class Fp8Gemm:
         return quantize
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x = _FakeQuantize.apply(x, self._quantizer(INPUT))
-        weight = _FakeQuantize.apply(weight, self._quantizer(WEIGHT))
-        y = _FakeQuantizeGrad.apply(F.linear(x, weight), self._quantizer(GRAD_OUTPUT))
+        x = _fake_quantize(x, self._quantizer(INPUT))
+        weight = _fake_quantize(weight, self._quantizer(WEIGHT))
+        y = _fake_quantize_grad(F.linear(x, weight), self._quantizer(GRAD_OUTPUT))
         return y if bias is None else y + bias
+
+
+class ScaledMmFp8Gemm(Fp8Gemm):
+    """`--fp8-gemm scaled_mm`: the same per-tensor quantisation (delayed / tensorwise, same amax records), but
+    the three GEMMs (forward, dgrad, wgrad) run on FP8 operands with `torch._scaled_mm`: FP8 tensor cores on
+    an sm89+ GPU, a reference kernel on CPU. Saves x and W for backward in FP8."""
+
+    def to_fp8(self, slot: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t quantised, row-major; the inverse scale that `_scaled_mm` multiplies the product by)."""
+        scale = self.tensor_scale(slot, t)
+        return quantize(t, scale, self.recipe.dtype(slot)).contiguous(), scale.reciprocal()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        device = x.device.type  # the output dtype F.linear would give: autocast's, else x's
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        y = _ScaledMmLinear.apply(x.reshape(-1, x.shape[-1]), weight, self, out_dtype)  # [s*b, out]
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if bias is None else y + bias
+
+
+def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor, a_inv: torch.Tensor, b_inv: torch.Tensor, out_dtype):
+    """(a8 * a_inv) @ (b8 * b_inv); a8 [m, k] row-major, b8 [k, n] column-major (cuBLASLt's layout)."""
+    return torch._scaled_mm(a8, b8, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+
+
+def _transposed_padded(t8: torch.Tensor) -> torch.Tensor:
+    """[t, c] -> its transpose [c, t'] row-major, zero-padded to t' = t rounded up to 16 (`_scaled_mm`'s inner
+    dim on GPU; zero tokens add nothing to the weight gradient)."""
+    tokens = t8.shape[0]
+    out = t8.new_zeros(t8.shape[1], -(-tokens // 16) * 16)
+    out[:, :tokens] = t8.t()
+    return out
+
+
+class _ScaledMmLinear(torch.autograd.Function):
+    """y = x W^T, dgrad = g W, wgrad = g^T x as FP8 GEMMs; x [t, k], W [n, k], g = dL/dy [t, n]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gemm: ScaledMmFp8Gemm, out_dtype):
+        x8, x_inv = gemm.to_fp8(INPUT, x)  # [t, k]
+        w8, w_inv = gemm.to_fp8(WEIGHT, weight)  # [n, k]
+        ctx.save_for_backward(x8, w8, x_inv, w_inv)
+        ctx.gemm, ctx.dtypes = gemm, (x.dtype, weight.dtype)
+        return _scaled_mm(x8, w8.t(), x_inv, w_inv, out_dtype)  # [t, n]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8, x_inv, w_inv = ctx.saved_tensors
+        g8, g_inv = ctx.gemm.to_fp8(GRAD_OUTPUT, grad)  # [t, n]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # [t, n] @ [n, k], W column-major: a transposed FP8 copy (as TE's)
+            dx = _scaled_mm(g8, w8.t().contiguous().t(), g_inv, w_inv, ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:  # [n, t'] @ [t', k]
+            dw = _scaled_mm(_transposed_padded(g8), _transposed_padded(x8).t(), g_inv, x_inv, ctx.dtypes[1])
+        return dx, dw, None, None
 
 
 def fp8_metas(model: nn.Module | list[nn.Module]) -> list[Fp8Meta]:
@@ -216,6 +273,19 @@ def apply_fp8(model: nn.Module, recipe: Fp8Recipe, num_layers: int, first_last_l
         if first_last_layers_bf16 and layer in (0, num_layers - 1):
             continue
         module.fp8_meta = Fp8Meta(recipe.amax_history_len)
-        module.gemm = Fp8Gemm(recipe, module.fp8_meta)
+        if recipe.gemm == "scaled_mm":
+            _check_scaled_mm_shape(name, module.weight.flatten(0, -2).shape)  # [out/tp, in] or [out, in/tp]
+            module.gemm = ScaledMmFp8Gemm(recipe, module.fp8_meta)
+        else:
+            module.gemm = Fp8Gemm(recipe, module.fp8_meta)
         count += 1
     return count
+
+
+def _check_scaled_mm_shape(name: str, shape: torch.Size) -> None:
+    """`torch._scaled_mm` on GPU needs both dims of W [out, in] (this rank's shard) divisible by 16; the
+    token dim is padded. Checked on every device, so a CPU run catches what a GPU run would refuse."""
+    if shape[0] % 16 or shape[1] % 16:
+        raise ValueError(f"--fp8-gemm scaled_mm needs linear weights [out, in] with both sizes divisible by 16 "
+                         f"(torch._scaled_mm); {name} has {list(shape)} on this rank: change the model's sizes "
+                         f"or use --fp8-gemm emulate")

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_eff.autograd import forward_backward_function
+
 
 def activation_scale(swiglu: bool, sigma: float = 1.0) -> float:
     """gmean(alpha, beta) of GELU (tanh) or SwiGLU for N(0, sigma^2) inputs, by quadrature. sigma = 1, GELU:
@@ -61,35 +63,18 @@ def activation_scale(swiglu: bool, sigma: float = 1.0) -> float:
     return math.sqrt(alpha * beta)
 
 
-class _ScaleFwd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        return x * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _ScaleBwd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+_scale_fwd = forward_backward_function("_ScaleFwd", lambda x, scale: x * scale, lambda grad, scale: grad)
+_scale_bwd = forward_backward_function("_ScaleBwd", lambda x, scale: x.view_as(x), lambda grad, scale: grad * scale)
 
 
 def scale_fwd(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x * scale in forward; the gradient passes unchanged."""
-    return _ScaleFwd.apply(x, scale)
+    return _scale_fwd(x, scale)
 
 
 def scale_bwd(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in forward; the gradient is multiplied by `scale`."""
-    return _ScaleBwd.apply(x, scale)
+    return _scale_bwd(x, scale)
 
 
 def tokens_of(x: torch.Tensor) -> int:

@@ -9,6 +9,10 @@ never asserted.
     .venv/bin/python bench/mst_quality.py                      # ~10-25 min on 2 CPU cores
     .venv/bin/python bench/mst_quality.py --iters 200 --eval-iters 8   # a quick look
     .venv/bin/python bench/mst_quality.py --mst-args "--mst-sparsify-head --mst-max-sparsity 0.8"
+    .venv/bin/python bench/mst_quality.py --mst-args "" --mst-args "--mst-hsa-pattern none"   # one dense, two MST
+
+`--mst-args` may be given several times: the dense model is trained once and each MST variant is compared
+with it, in a table at the end.
 
 The data (sentencepiece BPE 2048 + Megatron .bin/.idx of the three shipped domains) is built once under
 `--out` with the repository's tools, as the quickstart does.
@@ -47,7 +51,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--mst-args", default="", help="extra --mst-* flags for the MST run")
+    p.add_argument("--mst-args", action="append",
+                   help="extra --mst-* flags for one MST run (repeat for several variants; default: one run, "
+                        "default flags)")
     return p.parse_args()
 
 
@@ -124,18 +130,21 @@ def main() -> None:
     tokenizer, blend = prepare_data(args.out)
     print("== dense", flush=True)
     dense_loss, _, dense_s = train(args, tokenizer, blend, [])
-    print("== MST", flush=True)
-    mst_loss, mst, mst_s = train(args, tokenizer, blend, ["--mst", *shlex.split(args.mst_args)])
-    dense_ppl, mst_ppl = math.exp(dense_loss), math.exp(mst_loss)
+    results = []
+    for variant in args.mst_args or [""]:
+        print(f"== MST {variant}", flush=True)
+        results.append((variant, *train(args, tokenizer, blend, ["--mst", *shlex.split(variant)])))
+    dense_ppl = math.exp(dense_loss)
     tokens = args.iters * args.global_batch * args.seq
     print("\n== MST quality bench: same model, seed, data order and token budget "
           f"({args.iters} iterations, {tokens:,} tokens; {args.layers}L h{args.hidden} seq {args.seq})")
     print(f"dense: val loss {dense_loss:.4f} | val ppl {dense_ppl:.2f} | {dense_s / 60:.1f} min")
-    print(f"MST:   val loss {mst_loss:.4f} | val ppl {mst_ppl:.2f} | {mst_s / 60:.1f} min")
-    print(f"perplexity gap (MST vs dense): {100 * (mst_ppl / dense_ppl - 1):+.2f} %")
-    print(f"training FLOPs: dense {mst.flops_dense:.4g}, MST {mst.flops_actual:.4g} -> "
-          f"{mst.saved_x():.2f}x fewer ({100 * (1 - 1 / mst.saved_x()):.1f} % saved); {mst.updates} topology "
-          f"updates, final sparsity {mst.sparsity():.3f}")
+    for variant, mst_loss, mst, mst_s in results:
+        mst_ppl = math.exp(mst_loss)
+        print(f"MST {variant or '(default flags)'}: val loss {mst_loss:.4f} | val ppl {mst_ppl:.2f} | "
+              f"gap {100 * (mst_ppl / dense_ppl - 1):+.2f} % | training FLOPs {mst.saved_x():.2f}x fewer "
+              f"({100 * (1 - 1 / mst.saved_x()):.1f} % saved) | {mst.updates} topology updates, final sparsity "
+              f"{mst.sparsity():.3f} | {mst_s / 60:.1f} min")
     head = paper_scale_estimate(sparsify_head=True)
     print("GPT-2 124M (paper scale) by the same accounting, from the schedule alone: "
           f"default flags {paper_scale_estimate():.2f}x; --mst-sparsify-head {head:.2f}x; "

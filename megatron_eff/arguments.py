@@ -163,6 +163,8 @@ def _mst_group(parser: argparse.ArgumentParser) -> None:
                    help="iterations [START, END) with sparse attention (default: the ultra-sparse phase)")
     g.add_argument("--mst-hsa-layers", type=_int_list, metavar="I,J,...",
                    help="global layer indices that use sparse attention (default: all)")
+    g.add_argument("--mst-hsa-impl", choices=["factorized", "mask"], default="factorized",
+                   help="factorized: compute only the pattern's scores; mask: SDPA with a boolean mask (reference)")
 
 
 def mst_config_from_args(args: argparse.Namespace) -> MSTConfig:
@@ -173,7 +175,7 @@ def mst_config_from_args(args: argparse.Namespace) -> MSTConfig:
         grow_grad_random_ratio=args.mst_grow_grad_random_ratio, distribution=args.mst_distribution,
         sparsify_head=args.mst_sparsify_head, reset_optimizer_state=args.mst_reset_optimizer_state,
         hsa_pattern=args.mst_hsa_pattern, hsa_window=args.mst_hsa_window, hsa_iters=args.mst_hsa_iters,
-        hsa_layers=args.mst_hsa_layers,
+        hsa_layers=args.mst_hsa_layers, hsa_impl=args.mst_hsa_impl,
     )
 
 

@@ -359,6 +359,7 @@ class MSTConfig:
     hsa_window: int | None = None  # default: seq_length // 8 (128 at 1024)
     hsa_iters: tuple[int, int] | None = None  # [start, end) iterations; default: the ultra-sparse phase
     hsa_layers: tuple[int, ...] | None = None  # global layer indices; default: all
+    hsa_impl: str = "factorized"  # factorized (only the pattern's scores) | mask (SDPA + boolean mask)
 
     def __post_init__(self) -> None:
         if self.phase_iters is not None:
@@ -391,6 +392,9 @@ class MSTConfig:
         _require(
             self.hsa_pattern in ("none", "local", "strided", "sparse", "fixed"),
             f"--mst-hsa-pattern must be none, local, strided, sparse or fixed, got {self.hsa_pattern!r}",
+        )
+        _require(
+            self.hsa_impl in ("factorized", "mask"), f"--mst-hsa-impl must be factorized or mask, got {self.hsa_impl!r}"
         )
         if self.hsa_window is not None:
             _require(self.hsa_window >= 1, f"--mst-hsa-window must be >= 1, got {self.hsa_window}")

@@ -12,6 +12,8 @@ on CPU fp32 as fast as or faster than `repeat_interleave`, and it saves the copi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,9 +42,12 @@ class SelfAttention(nn.Module):
             config.hidden_size, config.hidden_size, bias=config.add_bias_linear,
             init_std=scaled_init_std(std, config.num_layers),
         )
-        # Optional boolean [s, s] mask (True = attend) set by a training method (MST's hybrid sparse
-        # attention); None keeps SDPA's causal fast path.
+        # Optional sparse pattern inside the causal triangle, set by a training method (MST's hybrid sparse
+        # attention): `attention_mask`, a boolean [s, s] mask (True = attend) that SDPA applies to the full
+        # scores, and optionally `sparse_attention`, a function (q, k, v, dropout_p) -> out in SDPA layout that
+        # computes only the pattern's scores instead. None keeps SDPA's causal fast path.
         self.attention_mask: torch.Tensor | None = None
+        self.sparse_attention: Callable[..., torch.Tensor] | None = None
         self.rotary = None
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base)
@@ -65,15 +70,19 @@ class SelfAttention(nn.Module):
         q = q.reshape(s, b, self.local_heads, self.head_dim)  # [s, b, nq/tp, d]
         # SDPA wants [b, heads, s, d]
         q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
-        mask = None
-        if inference_cache is not None:  # attend to the cached positions too
-            mask = inference_cache.causal_mask(s, q.device)
-            k, v = inference_cache.update(self, k, v)  # [b, g/tp, offset + s, d]
-        elif self.attention_mask is not None:  # a sparse pattern inside the causal triangle (MST's HSA)
-            mask = self.attention_mask[:s, :s]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=mask is None and inference_cache is None, enable_gqa=self.heads_per_group > 1,
-        )  # [b, nq/tp, s, d]
+        dropout = self.attention_dropout if self.training else 0.0
+        if inference_cache is None and self.sparse_attention is not None:  # MST's HSA: only the pattern's scores
+            out = self.sparse_attention(q, k, v, dropout_p=dropout)  # [b, nq/tp, s, d]
+        else:
+            mask = None
+            if inference_cache is not None:  # attend to the cached positions too
+                mask = inference_cache.causal_mask(s, q.device)
+                k, v = inference_cache.update(self, k, v)  # [b, g/tp, offset + s, d]
+            elif self.attention_mask is not None:  # MST's HSA as a mask over the full scores
+                mask = self.attention_mask[:s, :s]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and inference_cache is None,
+                enable_gqa=self.heads_per_group > 1,
+            )  # [b, nq/tp, s, d]
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)  # [s, b, h/tp]
         return self.linear_proj(out)  # [s, b, h]

@@ -10,7 +10,7 @@ GPU (needs CUDA + Transformer Engine; `pip install --no-build-isolation transfor
 
     .venv/bin/python bench/precision.py --gpu --preset llama-350m --iters 200 --micro-batch-size 8
     .venv/bin/python bench/precision.py --gpu --preset llama-1b --iters 200 --micro-batch-size 4 \
-        --recipes delayed tensorwise mxfp8
+        --recipes delayed tensorwise   # add mxfp8 on Blackwell (sm100) only
     .venv/bin/python bench/precision.py --gpu --preset llama-350m --iters 200 --micro-batch-size 8 \
         --fp8-gemm scaled_mm                                  # torch._scaled_mm FP8 GEMMs, no TE needed
 

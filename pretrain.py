@@ -14,7 +14,8 @@ from megatron_eff.training.loop import pretrain
 
 
 def tokenizer_vocab_size(args) -> int | None:
-    """The tokenizer's vocabulary size, which sets the model's (before padding) unless --vocab-size is given."""
+    """The tokenizer's vocabulary size, which sets the model's (before padding) unless --vocab-size is given.
+    NullTokenizer has no files: `model_config_from_args` makes its --vocab-size N a vocabulary of N + 1."""
     if args.vocab_size is not None or args.tokenizer_type == "NullTokenizer":
         return None
     from megatron_eff.data.tokenizer import build_tokenizer
@@ -25,8 +26,9 @@ def tokenizer_vocab_size(args) -> int | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    try:  # every config error surfaces here, before any process-group work (under torchrun: on every rank)
         config = config_from_args(args, tokenizer_vocab_size(args))
+        config.check_launch()
     except (ValueError, FileNotFoundError) as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2

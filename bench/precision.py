@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eff.precision.numerics import gradient_underflow, train_synthetic  # noqa: E402
 
+# --vocab-size 63: NullTokenizer ids 0..62 + eod = 64 ids, no vocabulary padding
 CPU_BASE = ["--model-preset", "llama-tiny", "--micro-batch-size", "8", "--seq-length", "32",
-            "--max-position-embeddings", "32", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64",
+            "--max-position-embeddings", "32", "--vocab-size", "63", "--make-vocab-size-divisible-by", "64",
             "--lr", "1e-2", "--lr-warmup-iters", "0", "--clip-grad", "0", "--weight-decay", "0"]
 CPU_VARIANTS = {
     "fp32": [],

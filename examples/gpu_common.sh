@@ -25,10 +25,10 @@ launch() {
 }
 
 # data_args gpt2|sentencepiece VOCAB_SIZE: sets DATA_ARGS for DATA (+ VOCAB/MERGES or TOKENIZER), or for
-# synthetic tokens of VOCAB_SIZE ids with MOCK=1.
+# synthetic tokens of VOCAB_SIZE ids with MOCK=1 (NullTokenizer's --vocab-size N counts the ids before eod).
 data_args() {
   if [[ "${MOCK:-0}" == 1 ]]; then
-    DATA_ARGS=(--mock-data --vocab-size "$2")
+    DATA_ARGS=(--mock-data --vocab-size "$(($2 - 1))")
     return
   fi
   DATA_ARGS=(--data-path "${DATA:?set DATA=PREFIX_text_document (or MOCK=1)}" --split 969,30,1)

@@ -21,6 +21,7 @@ from megatron_eff.config import (
     PrecisionConfig,
     TrainConfig,
 )
+from megatron_eff.data.tokenizer import NullTokenizer
 
 # dest -> (ModelConfig field). Flags whose dest equals the field are listed by name.
 _MODEL_FIELDS = [
@@ -38,11 +39,17 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--ffn-hidden-size", type=int)
     g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--group-query-attention", action="store_true", help="use --num-query-groups K/V heads")
-    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention with --num-query-groups K/V heads")
+    g.add_argument("--num-query-groups", type=int,
+                   help="K/V heads with --group-query-attention (default: the preset's, else 1, i.e. multi-query "
+                        "attention, as Megatron-LM)")
     g.add_argument("--seq-length", type=int)
     g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--vocab-size", type=int, help="default: the tokenizer's vocabulary size")
+    g.add_argument("--vocab-size", type=int,
+                   help="NullTokenizer: ids 0..N-1 of the text, plus eod = N, so the model's vocabulary is N + 1 "
+                        "(Megatron; without the flag: the preset's, eod included). Other tokenizers: overrides the "
+                        "model's vocabulary (default: the tokenizer's size)")
     g.add_argument("--make-vocab-size-divisible-by", type=int)
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
     g.add_argument("--rotary-base", type=float)
@@ -105,7 +112,9 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
     g.add_argument("--data-cache-path")
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that read and collate batches ahead of use (0: in the "
+                        "training process); the batches and their order do not change")
 
 
 def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
@@ -241,7 +250,11 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
         values["add_bias_linear"] = False
     if args.num_query_groups is not None and not args.group_query_attention:
         raise ValueError("--num-query-groups needs --group-query-attention")
-    if args.vocab_size is None and vocab_size is not None:
+    if args.group_query_attention and values.get("num_query_groups") is None:
+        values["num_query_groups"] = 1  # Megatron-LM's default: one K/V head (multi-query attention)
+    if args.vocab_size is not None and args.tokenizer_type == "NullTokenizer":
+        values["vocab_size"] = NullTokenizer(args.vocab_size).vocab_size  # the text ids and eod (Megatron)
+    elif args.vocab_size is None and vocab_size is not None:
         values["vocab_size"] = vocab_size
     return ModelConfig(**values)
 

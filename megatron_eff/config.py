@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -498,6 +499,8 @@ class PrecisionConfig:
         _require(self.loss_scale is None or train.fp16, "--loss-scale needs --fp16")
         _require(self.fp8_gemm == "emulate" or model.transformer_impl == "local",
                  "--fp8-gemm scaled_mm is for --transformer-impl local (Transformer Engine runs its own FP8 GEMMs)")
+        _require(not self.unit_scaling or model.transformer_impl == "local",
+                 "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
         if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
             block = 32 if self.fp8_recipe == "mxfp8" else 128
             sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}
@@ -524,6 +527,38 @@ class Config:
         self.parallel.check_model(self.model)
         self.mst.check_run(self.model, self.train)
         self.precision.check_run(self.model, self.train)
+
+    def check_launch(self, world_size: int | None = None) -> int:
+        """Rules that need the world size (default: `WORLD_SIZE`, as set by torchrun) or the file system,
+        checked by the entry points before any process-group work; returns the data-parallel size."""
+        if world_size is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        dp = self.parallel.data_parallel_size(world_size)
+        num_micro_batches = self.train.num_micro_batches(dp)
+        pp = self.parallel.pipeline_model_parallel_size
+        if self.parallel.num_layers_per_virtual_pipeline_stage and pp > 1:
+            _require(
+                num_micro_batches % pp == 0,
+                f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the number of "
+                f"micro-batches, --global-batch-size {self.train.resolved_global_batch_size(dp)} / "
+                f"(--micro-batch-size {self.train.micro_batch_size} x data-parallel size {dp}) = "
+                f"{num_micro_batches}, to be a multiple of --pipeline-model-parallel-size {pp}",
+            )
+        if self.model.transformer_impl == "transformer_engine":
+            from megatron_eff.precision.transformer_engine import check_transformer_engine
+
+            check_transformer_engine()
+        if not self.data.mock_data:
+            from megatron_eff.data.builders import parse_data_path
+
+            parse_data_path(self.data.data_path)  # the format, and every prefix's .bin and .idx
+        if self.checkpoint.load:
+            from megatron_eff.training.checkpointing import find_checkpoint
+
+            found = find_checkpoint(self.checkpoint.load)  # a tracker naming a missing checkpoint: an error
+            if found is None and self.checkpoint.finetune:
+                raise FileNotFoundError(f"--finetune --load {self.checkpoint.load}: no checkpoint there")
+        return dp
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

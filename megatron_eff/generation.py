@@ -1,10 +1,11 @@
 """Text generation from a trained model: greedy, temperature, top-k and top-p (nucleus) sampling.
 
-Single process, with a KV cache (`InferenceCache`): the prompt is run once, then each new token is one
-position through the model. The context is at most the model's `seq_length` tokens: when it is full the
-window slides and the cache is rebuilt from the last `seq_length` tokens (exactly what the uncached path,
-`use_cache=False`, computes every step). Padded vocabulary entries (ids >= the tokenizer's vocabulary) are
-never sampled.
+Single process, on the model's device (CPU or one GPU), with a KV cache (`InferenceCache`): the prompt is run
+once, then each new token is one position through the model. The context is at most the model's `seq_length`
+tokens: when it is full the window slides and the cache is rebuilt from the last `seq_length` tokens (exactly
+what the uncached path, `use_cache=False`, computes every step). Padded vocabulary entries (ids >= the
+tokenizer's vocabulary) are never sampled. Sampling draws from a generator on the model's device, so a seed
+gives the same tokens on every run on one device (CPU and GPU draws differ).
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, vocab_size: int,
     if not prompt_ids:
         raise ValueError("generate: the prompt needs at least one token")
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device  # inputs go where the model is; so does the sampler's generator
+    generator = torch.Generator(device=device).manual_seed(seed)
     max_context = model.config.seq_length
-    device = next(model.parameters()).device
     cache = InferenceCache(max_context) if use_cache else None
     ids = list(prompt_ids)
     pending = ids[-max_context:]  # tokens the model has not seen yet

@@ -1,7 +1,14 @@
 """Shared fixtures: the single-process reference runs every multi-process parity test compares against
-(computed once per test session)."""
+(computed once per test session).
+
+The suite runs on CPU with gloo even on a GPU machine (MEGATRON_EFF_DEVICE=cpu, inherited by the torchrun
+subprocesses): its multi-process layouts need more ranks than one GPU. tests/test_gpu.py sets cuda itself."""
+
+import os
 
 import pytest
+
+os.environ["MEGATRON_EFF_DEVICE"] = "cpu"
 
 from tests.dist_utils import GPT_TINY_FLAGS, TINY_FLAGS, run_layout
 

@@ -1,5 +1,6 @@
-"""Helpers for multi-process tests: run `tests/dist/run_layout.py` under torchrun (gloo, CPU) and as a
-single-process reference, and compare losses and parameters."""
+"""Helpers for multi-process tests: run `tests/dist/run_layout.py` under torchrun (gloo on a CPU machine; NCCL
+where CUDA is available, see `parallel/state.init_distributed`) and as a single-process reference, and compare
+losses and parameters."""
 
 from __future__ import annotations
 
@@ -41,10 +42,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(out: Path, flags: list[str], nproc: int = 1, timeout: int = 300) -> dict:
-    """Train under `flags` with `nproc` processes; returns {"losses", "params"}."""
+def run_layout(out: Path, flags: list[str], nproc: int = 1, timeout: int = 300, torchrun: bool = False) -> dict:
+    """Train under `flags` with `nproc` processes (one process runs without torchrun unless `torchrun`);
+    returns {"losses", "params"}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
+    if nproc == 1 and not torchrun:
         cmd = [sys.executable, str(HARNESS), str(out), "--", *flags]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

@@ -78,7 +78,7 @@ def test_generate_tool_cached_and_uncached(tmp_path):
     outputs = []
     for extra in ([], ["--no-kv-cache"]):
         cmd = [sys.executable, str(ROOT / "tools" / "generate.py"), "--load", str(tmp_path / "ckpt"), "--prompt",
-               prompt, "--max-new-tokens", "12", *extra]
+               prompt, "--max-new-tokens", "12", "--device", "cpu", *extra]  # `expected` ran on the CPU
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert run.returncode == 0, run.stderr
         outputs.append(run.stdout.strip())

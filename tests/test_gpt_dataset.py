@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_eff.data.blended_dataset import BlendedDataset, build_blending_indices
 from megatron_eff.data.builders import (
@@ -200,3 +201,22 @@ def test_parse_split_values():
     assert parse_split("949,50,1") == pytest.approx([0.949, 0.05, 0.001])
     assert parse_split("1") == [1.0, 0.0, 0.0]
     assert parse_split("90/10") == pytest.approx([0.9, 0.1, 0.0])
+
+
+def test_num_workers_read_the_same_micro_batches(tmp_path):
+    """--num-workers: a DataLoader reads this rank's micro-batches in the order of the in-process reader, from
+    the start and from a resumed position (consumed samples), with the blend's dataset ids."""
+    from megatron_eff.data.samplers import micro_batches
+
+    prefixes = [make_prefix(tmp_path, f"p{k}", seed=k, base=k * 1_000_000) for k in range(2)]
+    train, _, _ = build_train_valid_test_datasets(["0.6", prefixes[0], "0.4", prefixes[1]], "1,0,0", (96, 0, 0), 8, 3)
+    for consumed in (0, 36):  # 36: resumed after 3 iterations of a global batch of 12
+        for dp_rank in range(2):
+            in_process = list(micro_batches(train, consumed, 3, dp_rank, 2))
+            workers = list(micro_batches(train, consumed, 3, dp_rank, 2, num_workers=2))
+            assert len(workers) == len(in_process) == (96 - consumed) // 6
+            for a, b in zip(in_process, workers):
+                assert a.keys() == b.keys() == {"tokens", "labels", "dataset_id"}
+                assert all(torch.equal(a[key], b[key]) for key in a)
+    first = next(micro_batches(train, 36, 3, 1, 2, num_workers=2))  # samples 39..41: rank 1's slice
+    assert torch.equal(first["tokens"], collate_samples([train[i] for i in (39, 40, 41)])["tokens"])

@@ -233,7 +233,7 @@ def test_cli_both_directions(tmp_path):
 
 # ------------------------------------------------------------------------------------------ multi-process
 
-ONE_STEP = ["--train-iters", "1", "--make-vocab-size-divisible-by", "96"]  # 200 -> 288 rows at TP1, 384 at TP2
+ONE_STEP = ["--train-iters", "1", "--make-vocab-size-divisible-by", "96"]  # 201 -> 288 rows at TP1, 384 at TP2
 TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
 
 
@@ -245,7 +245,7 @@ def test_tp2_pp2_checkpoint_exports_like_tp1(tmp_path):
     export_to_hf(str(tmp_path / "a"), str(tmp_path / "hf_a"))
     export_to_hf(str(tmp_path / "b"), str(tmp_path / "hf_b"))
     (config_a, hf_a), (config_b, hf_b) = read_hf_folder(str(tmp_path / "hf_a")), read_hf_folder(str(tmp_path / "hf_b"))
-    assert config_a == config_b and hf_a.keys() == hf_b.keys() and hf_a["model.embed_tokens.weight"].shape[0] == 200
+    assert config_a == config_b and hf_a.keys() == hf_b.keys() and hf_a["model.embed_tokens.weight"].shape[0] == 201
     # exactly the weights the tp2 x pp2 run held (gathered by the harness), mapped to HF names
     config = ModelConfig(**config_from_meta(tmp_path / "a"))
     _, expected = mapping.to_hf(run["params"], config)

@@ -1,6 +1,9 @@
 """Rank layout: TP fastest, then DP, then PP (Megatron's order)."""
 
-from megatron_eff.parallel.state import coordinates_of, group_ranks, rank_of
+import pytest
+import torch
+
+from megatron_eff.parallel.state import coordinates_of, group_ranks, rank_of, use_cuda
 
 
 def test_tp_fastest_then_dp_then_pp():
@@ -23,3 +26,14 @@ def test_every_rank_in_exactly_one_group_of_each_kind():
     for kind in ("tp", "dp", "pp", "mp"):
         flat = sorted(r for g in groups[kind] for r in g)
         assert flat == list(range(12)), kind
+
+
+def test_device_override(monkeypatch):
+    """MEGATRON_EFF_DEVICE=cpu keeps runs (and torchrun's process group) off a GPU; bad values are named."""
+    monkeypatch.setenv("MEGATRON_EFF_DEVICE", "cpu")
+    assert use_cuda() is False
+    monkeypatch.setenv("MEGATRON_EFF_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="MEGATRON_EFF_DEVICE='gpu0'"):
+        use_cuda()
+    monkeypatch.delenv("MEGATRON_EFF_DEVICE")
+    assert use_cuda() is torch.cuda.is_available()

@@ -246,6 +246,44 @@ def test_gpt2_bpe_and_huggingface_tokenizers(tmp_path):
         build_tokenizer("GPT2BPETokenizer", merge_file=str(merges))
 
 
+def test_null_tokenizer_data_trains_and_the_tools_share_its_eod(tmp_path):
+    """NullTokenizer --vocab-size 50 --append-eod writes eod = 50; pretraining on it builds a vocabulary of 51
+    (no id lands in a masked padding column: finite losses), and generate / evaluate rebuild that tokenizer."""
+    import math
+
+    from megatron_eff.arguments import config_from_args, parse_args
+    from megatron_eff.data.tokenizer import checkpoint_tokenizer
+    from megatron_eff.training import loop
+    from megatron_eff.training.checkpointing import read_meta
+
+    rng = np.random.default_rng(0)
+    docs = [" ".join(map(str, rng.integers(0, 50, rng.integers(5, 40)))) for _ in range(60)]
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    run_tool("preprocess_data.py", "--input", tmp_path / "ids.jsonl", "--output-prefix", tmp_path / "ids",
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", 50, "--append-eod")
+    prefix, ckpt = str(tmp_path / "ids_text_document"), tmp_path / "ckpt"
+    assert max(int(doc.max()) for doc in IndexedDataset(prefix)[:]) == 50  # the eod id
+    config = config_from_args(parse_args([
+        "--model-preset", "llama-tiny", "--data-path", prefix, "--split", "90,10,0", "--tokenizer-type",
+        "NullTokenizer", "--vocab-size", "50", "--seq-length", "16", "--max-position-embeddings", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--eval-interval", "4",
+        "--eval-iters", "2", "--log-interval", "100", "--save", str(ckpt)]))
+    assert config.model.vocab_size == 51
+    result = loop.pretrain(config)
+    assert len(result.losses) == 4 and result.state.skipped_iterations == 0
+    assert all(math.isfinite(loss) for loss in [*result.losses, *result.valid_losses.values()])
+
+    _, meta = read_meta(str(ckpt))
+    tokenizer = checkpoint_tokenizer({}, meta["config"]["data"], meta["config"]["model"]["vocab_size"])
+    assert tokenizer.eod == 50 and tokenizer.vocab_size == 51  # what generate and evaluate build
+    run_tool("evaluate.py", "--load", ckpt, "--data-path", prefix, "--eval-split", "all",
+             "--results-json", tmp_path / "eval.json")
+    assert math.isfinite(json.loads((tmp_path / "eval.json").read_text())["loss"])
+    generated = run_tool("generate.py", "--load", ckpt, "--prompt", "3 50 7", "--max-new-tokens", 5)
+    ids = [int(i) for i in generated.stdout.split()]
+    assert ids[:3] == [3, 50, 7] and all(0 <= i <= 50 for i in ids)
+
+
 def test_null_tokenizer_and_errors(tmp_path):
     tok = build_tokenizer("NullTokenizer", vocab_size=100)
     assert tok.tokenize("5 7 99") == [5, 7, 99] and tok.detokenize([5, 7]) == "5 7"

@@ -35,6 +35,15 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_num_workers_train_and_resume_bit_identically(tmp_path):
+    """--num-workers 2 (DataLoader worker processes) trains on exactly the batches of --num-workers 0, also
+    after a resume from a checkpoint (the loader starts at the consumed-sample count)."""
+    straight = run("--train-iters", "6")
+    first = run("--train-iters", "6", "--exit-interval", "3", "--save", str(tmp_path), "--num-workers", "2")
+    second = run("--train-iters", "6", "--load", str(tmp_path), "--num-workers", "2")
+    assert first.losses + second.losses == straight.losses  # bitwise equal
+
+
 def _model(hidden=64):
     cfg = config_from_args(parse_args([*TINY, "--hidden-size", str(hidden)]))
     (model,) = loop.build_model(cfg, ParallelState.single(), torch.device("cpu"))  # one chunk without PP
@@ -63,6 +72,56 @@ def test_save_is_atomic_and_tracked(tmp_path):
     assert state.iteration == 3 and any(p.abs().sum() > 0 for p in params.values())
     with pytest.raises(FileNotFoundError, match="--load"):
         load_checkpoint(str(tmp_path / "nothing"), params, None)
+
+
+def test_load_without_checkpoint_starts_fresh_then_resumes(tmp_path, capsys):
+    """`--save X --load X` on a fresh X (the launchers' pattern): a warning, iteration 0, then a real resume."""
+    ckpt = str(tmp_path / "ckpt")
+    straight = run("--train-iters", "6")
+    first = run("--train-iters", "6", "--exit-interval", "3", "--load", ckpt, "--save", ckpt)
+    assert "WARNING: could not find a checkpoint in --load" in capsys.readouterr().out
+    assert first.state.iteration == 3 and first.losses == straight.losses[:3]
+    second = run("--train-iters", "6", "--load", ckpt, "--save", ckpt)
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and f"loaded {ckpt} at iteration 3" in out
+    assert first.losses + second.losses == straight.losses
+
+
+def test_resave_survives_a_crash_between_its_renames(tmp_path, monkeypatch):
+    """Re-saving an iteration: a crash after the old copy is moved aside and before the new one is in place
+    leaves the old copy, which loading uses; the next save completes and removes it."""
+    params = dict(_model().named_parameters())
+    save_checkpoint(str(tmp_path), TrainState(iteration=2), params, None, {}, {})
+    first = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    real_replace = os.replace
+
+    def crash_on_swap(src, dst):
+        if str(src) == str(tmp_path / "iter_0000002.tmp"):
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_swap)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(str(tmp_path), TrainState(iteration=2), params, None, {}, {})
+    monkeypatch.undo()
+    assert not (tmp_path / "iter_0000002").exists() and (tmp_path / "iter_0000002.old").exists()
+    assert find_checkpoint(str(tmp_path)).endswith("iter_0000002.old")
+    second = {n: p.detach().clone() for n, p in params.items()}
+    load_checkpoint(str(tmp_path), params, None)
+    assert all(torch.equal(p, first[n]) for n, p in params.items())
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(second[n])
+    save_checkpoint(str(tmp_path), TrainState(iteration=2), params, None, {}, {})
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", TRACKER]
+    with torch.no_grad():
+        for p in params.values():
+            p.zero_()
+    load_checkpoint(str(tmp_path), params, None)
+    assert all(torch.equal(p, second[n]) for n, p in params.items())
 
 
 def test_non_finite_steps_are_skipped_then_stop(monkeypatch, tmp_path):

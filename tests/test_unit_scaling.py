@@ -66,8 +66,9 @@ def test_unit_scale_at_initialisation(preset):
     assert max(baseline.values()) / min(baseline.values()) > 100
 
 
+# --vocab-size 63: NullTokenizer ids 0..62 + eod = 64 ids, no vocabulary padding
 BASE = ["--model-preset", "llama-tiny", "--micro-batch-size", "8", "--seq-length", "32", "--max-position-embeddings",
-        "32", "--vocab-size", "64", "--make-vocab-size-divisible-by", "64", "--lr", "1e-2", "--lr-warmup-iters", "0",
+        "32", "--vocab-size", "63", "--make-vocab-size-divisible-by", "64", "--lr", "1e-2", "--lr-warmup-iters", "0",
         "--clip-grad", "0", "--weight-decay", "0"]
 
 
@@ -84,3 +85,53 @@ def test_unit_scaled_fp8_without_loss_scaling_tracks_fp32():
     unit = gradient_underflow([*BASE, "--fp16", "--loss-scale", "1", "--unit-scaling"])
     print(f"\nFP8 unit-scaled {final8:.4f} vs FP32 {final32:.4f}; FP16 subnormal/zero gradients: "
           f"plain {plain['subnormal']:.2%}, unit-scaled {unit['subnormal']:.2%}")
+
+
+def test_tools_rebuild_the_unit_scaled_model(tmp_path, monkeypatch):
+    """A --unit-scaling checkpoint: tools/generate's model gives the trained model's logits, tools/evaluate the
+    trained model's loss, and the Hugging Face export refuses it (no HF class has tau-weighted residuals)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from megatron_eff.hf.convert import export_to_hf
+    from megatron_eff.model.gpt_model import GPTModel
+    from megatron_eff.training.checkpointing import load_checkpoint
+    from tools.generate import load_model
+
+    built = []
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda *args: built.append(real_build(*args)) or built[-1])
+    ckpt = tmp_path / "ckpt"
+    loop.pretrain(config_from_args(parse_args([*BASE, "--unit-scaling", "--mock-data", "--train-iters", "3",
+                                               "--eval-iters", "0", "--save", str(ckpt)])))
+    (trained,) = built[0]  # the model the loop trained, in memory
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 64, (2, 32), generator=gen)
+    with torch.no_grad():
+        expected = trained.eval()(tokens)
+        assert torch.equal(load_model(str(ckpt)).eval()(tokens), expected)
+        plain = GPTModel(trained.config)  # the same weights without the unit scaling (what the tools built)
+        load_checkpoint(str(ckpt), dict(plain.named_parameters()), None, finetune=True)
+        assert (plain.eval()(tokens) - expected).abs().max() > 1.0
+
+    ids = torch.randint(0, 64, (4 * 32 + 1,), generator=gen)  # 4 windows of 32 + 1 tokens
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, ids.tolist())))
+    windows = torch.stack([ids[32 * i: 32 * i + 33] for i in range(4)])
+    with torch.no_grad():
+        reference = F.cross_entropy(trained(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten()).item()
+    root = Path(__file__).resolve().parents[1]
+    evaluate = [sys.executable, str(root / "tools" / "evaluate.py"), "--load", str(ckpt), "--text-file",
+                str(tmp_path / "ids.txt"), "--micro-batch-size", "2"]
+    proc = subprocess.run([*evaluate, "--results-json", str(tmp_path / "eval.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(reference, rel=1e-5)
+    proc = subprocess.run([*evaluate, "--seq-length", "16"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "attention scale is set by its training sequence length, 32" in proc.stderr
+
+    with pytest.raises(ValueError, match="a --unit-scaling checkpoint .* has no Hugging Face"):
+        export_to_hf(str(ckpt), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

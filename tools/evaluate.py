@@ -9,9 +9,10 @@
     torchrun --nproc_per_node 4 tools/evaluate.py --load ... --tensor-model-parallel-size 2 \\
         --pipeline-model-parallel-size 2 --data-path ...
 
-The model shape comes from the checkpoint (`--seq-length` may change the window length), the tokenizer and
-`--split` default to the checkpoint's run. Windows of `seq_length + 1` tokens cover the stream in order (see
-`megatron_eff/evaluation.py`); prints `loss`, `ppl` and the number of tokens scored.
+The model shape and its Unit Scaling come from the checkpoint (`--seq-length` may change the window length,
+except under Unit Scaling; FP8 training is not emulated: GEMMs run in full precision, or BF16 with `--bf16`),
+the tokenizer and `--split` default to the checkpoint's run. Windows of `seq_length + 1` tokens cover the
+stream in order (see `megatron_eff/evaluation.py`); prints `loss`, `ppl` and the number of tokens scored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from megatron_eff.config import (  # noqa: E402
     ParallelConfig,
     TrainConfig,
 )
+from megatron_eff.precision import inference_precision  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace, meta: dict) -> Config:
     model = dict(meta["config"]["model"])
+    precision = inference_precision(meta["config"])  # the checkpoint's Unit Scaling; FP8 is not emulated
+    if args.seq_length and precision.unit_scaling and args.seq_length != model["seq_length"]:
+        raise ValueError(f"--seq-length {args.seq_length}: a --unit-scaling model's attention scale is set by its "
+                         f"training sequence length, {model['seq_length']}; evaluate with that window")
     if args.seq_length:
         model["seq_length"] = args.seq_length
     return Config(
@@ -86,12 +91,13 @@ def build_config(args: argparse.Namespace, meta: dict) -> Config:
         data=DataConfig(data_path=args.data_path or [], mock_data=not args.data_path),
         checkpoint=CheckpointConfig(load=args.load, finetune=True),
         logging=LoggingConfig(),
+        precision=precision,
     )
 
 
 def build_windows(args: argparse.Namespace, meta: dict, config: Config):
     from megatron_eff.data.builders import parse_data_path
-    from megatron_eff.data.tokenizer import build_tokenizer
+    from megatron_eff.data.tokenizer import checkpoint_tokenizer
     from megatron_eff.evaluation import indexed_windows, text_windows
 
     run_data = meta["config"].get("data", {})
@@ -99,16 +105,13 @@ def build_windows(args: argparse.Namespace, meta: dict, config: Config):
     if args.data_path:
         prefixes, _ = parse_data_path(args.data_path)
         return indexed_windows(prefixes, args.split or run_data.get("split", "969,30,1"), args.eval_split, seq)
-    kind = args.tokenizer_type or run_data.get("tokenizer_type") or "NullTokenizer"
-    pick = lambda name: getattr(args, name) or (run_data.get(name) if not args.tokenizer_type else None)
-    tokenizer = build_tokenizer(kind, tokenizer_model=pick("tokenizer_model"), vocab_file=pick("vocab_file"),
-                                merge_file=pick("merge_file"), vocab_size=config.model.vocab_size - 1)
+    tokenizer = checkpoint_tokenizer(vars(args), run_data, config.model.vocab_size)
     if not Path(args.text_file).is_file():
         raise FileNotFoundError(f"--text-file {args.text_file}: file not found")
     ids = tokenizer.tokenize(Path(args.text_file).read_text(encoding="utf-8"))
     if ids and max(ids) >= config.model.vocab_size:
-        raise ValueError(f"--tokenizer-type {kind}: id {max(ids)} is outside the model's vocabulary "
-                         f"({config.model.vocab_size}); is it the tokenizer the model was trained with?")
+        raise ValueError(f"--tokenizer-type {type(tokenizer).__name__}: id {max(ids)} is outside the model's "
+                         f"vocabulary ({config.model.vocab_size}); is it the tokenizer the model was trained with?")
     return text_windows(ids, seq)
 
 
@@ -122,9 +125,9 @@ def main(argv=None) -> int:
     try:  # every input error surfaces here, before any process-group work
         _, meta = read_meta(args.load)
         config = build_config(args, meta)
+        dp_size = config.check_launch()
         windows = build_windows(args, meta, config)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        count_batches(windows, config, config.parallel.data_parallel_size(world), args.eval_iters)
+        count_batches(windows, config, dp_size, args.eval_iters)
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

@@ -1,13 +1,13 @@
-"""Generate text from a megatron_eff checkpoint (single process, CPU or one GPU).
+"""Generate text from a megatron_eff checkpoint (single process, CPU or one GPU: `--device`).
 
     python tools/generate.py --load work_dirs/quickstart/checkpoints \
         --tokenizer-type SentencePieceTokenizer --tokenizer-model work_dirs/quickstart/tokenizer.model \
         --prompt "ROMEO." --max-new-tokens 80 --temperature 0.8 --top-k 40
 
 Greedy with `--temperature 0` (the default); sampling with `--temperature T` and optionally `--top-k` /
-`--top-p`. The model's shape is read from the checkpoint (any TP/PP layout loads into one process), the
-tokenizer flags default to the checkpoint's run. Decoding uses a KV cache (`--no-kv-cache` re-runs the
-whole context every step; both give the same tokens).
+`--top-p`. The model's shape and Unit Scaling are read from the checkpoint (any TP/PP layout loads into one
+process; FP8 training is not emulated), the tokenizer flags default to the checkpoint's run. Decoding uses a
+KV cache (`--no-kv-cache` re-runs the whole context every step; both give the same tokens).
 """
 
 from __future__ import annotations
@@ -16,21 +16,38 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eff.config import ModelConfig  # noqa: E402
-from megatron_eff.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_eff.data.tokenizer import checkpoint_tokenizer  # noqa: E402
 from megatron_eff.generation import generate  # noqa: E402
 from megatron_eff.model.gpt_model import GPTModel  # noqa: E402
+from megatron_eff.parallel.state import use_cuda  # noqa: E402
+from megatron_eff.precision import apply_precision, inference_precision  # noqa: E402
 from megatron_eff.training.checkpointing import load_checkpoint, read_meta  # noqa: E402
 
 
-def load_model(root: str) -> GPTModel:
-    """Rebuild the model from the config stored in the checkpoint and load its weights."""
+def load_model(root: str, device: torch.device | str = "cpu") -> GPTModel:
+    """Rebuild the model from the config stored in the checkpoint (with its Unit Scaling, if any; FP8 is not
+    emulated), load its weights and move it to `device`."""
     _, meta = read_meta(root)
     model = GPTModel(ModelConfig(**meta["config"]["model"]))
+    apply_precision(model, inference_precision(meta["config"]), model.config)
     load_checkpoint(root, dict(model.named_parameters()), None, finetune=True)
-    return model
+    return model.to(device)
+
+
+def parse_device(name: str) -> torch.device:
+    """`--device` (cpu, cuda, cuda:N); a CUDA device on a machine without one is an error here, not later."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 def main(argv=None) -> int:
@@ -47,14 +64,13 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
+    parser.add_argument("--device", default="cuda" if use_cuda() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda if available and MEGATRON_EFF_DEVICE is not cpu)")
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.load)
-        run_data = {} if args.tokenizer_type else read_meta(args.load)[1]["config"].get("data", {})
-        pick = lambda name: getattr(args, name) or run_data.get(name)
-        tokenizer = build_tokenizer(pick("tokenizer_type") or "NullTokenizer", tokenizer_model=pick("tokenizer_model"),
-                                    vocab_file=pick("vocab_file"), merge_file=pick("merge_file"),
-                                    vocab_size=model.config.vocab_size - 1)
+        model = load_model(args.load, parse_device(args.device))
+        run_data = read_meta(args.load)[1]["config"].get("data", {})
+        tokenizer = checkpoint_tokenizer(vars(args), run_data, model.config.vocab_size)
     except (ValueError, FileNotFoundError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2

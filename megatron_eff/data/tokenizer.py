@@ -249,3 +249,15 @@ def build_tokenizer(
             raise ValueError(f"--vocab-size is required for --tokenizer-type {tokenizer_type}")
         return NullTokenizer(vocab_size)
     raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def checkpoint_tokenizer(flags: dict, run_data: dict, model_vocab_size: int) -> Tokenizer:
+    """The tokenizer the tools (generate, evaluate) use with a checkpoint: the ``--tokenizer-type``,
+    ``--tokenizer-model``, ``--vocab-file``, ``--merge-file`` given in ``flags`` (None where not given), else the
+    run's (``run_data``: meta.json's data config, ignored once ``--tokenizer-type`` is given). A NullTokenizer
+    covers the model's vocabulary of V ids (before padding): eod = V - 1, as training's ``--vocab-size V - 1``."""
+    data = {} if flags.get("tokenizer_type") else run_data
+    pick = lambda name: flags.get(name) or data.get(name)  # noqa: E731
+    return build_tokenizer(pick("tokenizer_type") or "NullTokenizer", tokenizer_model=pick("tokenizer_model"),
+                           vocab_file=pick("vocab_file"), merge_file=pick("merge_file"),
+                           vocab_size=model_vocab_size - 1)

@@ -70,9 +70,16 @@ def _write_json(path: str, value: dict) -> None:
 
 def model_config_from_meta(meta: dict, path: str) -> ModelConfig:
     try:
-        return ModelConfig(**meta["config"]["model"])
+        config = ModelConfig(**meta["config"]["model"])
     except (KeyError, TypeError) as error:
         raise ValueError(f"--load-dir {path}: meta.json holds no usable model config ({error})") from None
+    if meta["config"].get("precision", {}).get("unit_scaling"):
+        # Scaled GEMMs fold into the weights, but the residuals' sqrt(1 - tau) skips do not: a plain x + f(x)
+        # stream needs a per-layer rescaling that changes every norm's epsilon relative to its input.
+        raise ValueError(f"--load-dir {path}: a --unit-scaling checkpoint (scaled ops, tau-weighted residuals) has "
+                         "no Hugging Face LLaMA / GPT-2 equivalent; evaluate it with tools/evaluate.py or "
+                         "tools/generate.py")
+    return config
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_size: int,
@@ -163,15 +170,16 @@ def read_hf_folder(hf_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf_config, tensors
 
 
-def model_flags(config: ModelConfig) -> list[str]:
-    """The pretrain.py model flags that build `config`."""
+def model_flags(config: ModelConfig, null_tokenizer: bool = False) -> list[str]:
+    """The pretrain.py model flags that build `config`. With `null_tokenizer` (no tokenizer files: pretrain.py's
+    default NullTokenizer), --vocab-size counts the ids before eod, N for a vocabulary of N + 1."""
     flags = ["--num-layers", config.num_layers, "--hidden-size", config.hidden_size,
              "--ffn-hidden-size", config.ffn_hidden_size, "--num-attention-heads", config.num_attention_heads]
     if config.num_query_groups != config.num_attention_heads:
         flags += ["--group-query-attention", "--num-query-groups", config.num_query_groups]
     flags += ["--seq-length", config.seq_length, "--max-position-embeddings", config.max_position_embeddings,
               "--position-embedding-type", config.position_embedding_type, "--normalization", config.normalization,
-              "--norm-epsilon", config.norm_epsilon, "--vocab-size", config.vocab_size,
+              "--norm-epsilon", config.norm_epsilon, "--vocab-size", config.vocab_size - int(null_tokenizer),
               "--make-vocab-size-divisible-by", config.make_vocab_size_divisible_by,
               "--init-method-std", config.init_method_std]
     if config.position_embedding_type == "rope":
@@ -195,11 +203,12 @@ def import_from_hf(hf_dir: str, save_dir: str, *, tensor_parallel_size: int = 1,
                               pipeline_model_parallel_size=pipeline_model_parallel_size)
     parallel.check_model(config)  # a layout that cannot hold this model fails here, naming the flag
     tensors = mapping.pad_vocab(tensors, config, tensor_parallel_size)
-    flags = model_flags(config) + ["--tensor-model-parallel-size", str(tensor_parallel_size),
-                                   "--pipeline-model-parallel-size", str(pipeline_model_parallel_size)]
     final_dir = os.path.abspath(save_dir)
     with atomic_output_dir(save_dir) as tmp:
         data = import_tokenizer(hf_dir, os.path.join(tmp, "tokenizer"), os.path.join(final_dir, "tokenizer"))
+        flags = model_flags(config, null_tokenizer=not data) + [
+            "--tensor-model-parallel-size", str(tensor_parallel_size),
+            "--pipeline-model-parallel-size", str(pipeline_model_parallel_size)]
         flags += [x for key, value in data.items() if value for x in (f"--{key.replace('_', '-')}", value)]
         run_config = {"model": dataclasses.asdict(config), "parallel": dataclasses.asdict(parallel), "data": data,
                       "source": {"hf_dir": os.path.abspath(hf_dir), "architectures": hf_config.get("architectures")},

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_eff.parallel.state import ParallelState, group_size
+from megatron_eff.parallel.state import ParallelState, communication_device, group_size
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements, as Megatron-LM's DDP default
 
@@ -402,6 +402,7 @@ class DistributedOptimizer:
         steps = [s["step"] for s in self.optimizer.state.values() if "step" in s]
         value = steps[0].clone().float() if steps else torch.zeros((), dtype=torch.float32)
         if dist.is_initialized():  # a rank may own no piece at all: take the max over ranks
+            value = value.to(communication_device())  # non-fused AdamW keeps `step` on the CPU
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 

@@ -41,7 +41,9 @@ A rank keeps the received input and the output of each micro-batch from its forw
 only, so 1F1B holds at most `P - r` of them.
 
 Data: every stage pulls the same micro-batches from its iterator, in micro-batch order, one per
-micro-batch (not per chunk); only the first chunk reads `tokens` and only the last reads `labels`.
+micro-batch (not per chunk); only the first chunk reads `tokens` and only the last reads `labels`. The data
+pipeline builds CPU tensors; the schedules move each micro-batch to the model's device as they pull it
+(`batch_to_device`), so training, validation and `tools/evaluate.py` all get it there the same way.
 """
 
 from __future__ import annotations
@@ -141,17 +143,24 @@ def _exchange(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[int,
     return buffers
 
 
-class _MicroBatches:
-    """Pulls micro-batches from the iterator once each, in order, and drops them after the last chunk."""
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors on `device` (a no-op when they are there; asynchronous from pinned memory)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
-    def __init__(self, micro_batches: Iterable[dict[str, torch.Tensor]]):
+
+class _MicroBatches:
+    """Pulls micro-batches from the iterator once each, in order (onto `device`), and drops them after the
+    last chunk."""
+
+    def __init__(self, micro_batches: Iterable[dict[str, torch.Tensor]], device: torch.device):
         self.source: Iterator = iter(micro_batches)
+        self.device = device
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
         self.pulled = 0
 
     def get(self, k: int) -> dict[str, torch.Tensor]:
         while self.pulled <= k:
-            self.cache[self.pulled] = next(self.source)
+            self.cache[self.pulled] = batch_to_device(next(self.source), self.device)
             self.pulled += 1
         return self.cache[k]
 
@@ -162,7 +171,7 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
     receives what this step needs (see the module docstring)."""
     pp, rank, num_chunks = pstate.pp_size, pstate.pp_rank, len(model_chunks)
     device = next(model_chunks[0].parameters()).device
-    data = _MicroBatches(micro_batches)
+    data = _MicroBatches(micro_batches, device)
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}  # (chunk, micro) -> received activation
     outputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> output awaiting its backward
     losses: dict[int, torch.Tensor] = {}
@@ -220,8 +229,10 @@ def forward_backward_no_pipelining(
 ) -> list[torch.Tensor]:
     """One stage: forward and backward of each micro-batch in turn. Returns the detached mean losses."""
     (model,) = _chunks(model)
+    device = next(model.parameters()).device
     losses = []
     for _, batch in zip(range(num_micro_batches), micro_batches):
+        batch = batch_to_device(batch, device)
         with autocast():
             token_loss = model(tokens=batch["tokens"], labels=batch["labels"])  # [b, s]
         loss = token_loss.float().mean()

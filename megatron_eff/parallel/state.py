@@ -83,15 +83,36 @@ def group_ranks(tp: int, dp: int, pp: int) -> dict[str, list[list[int]]]:
     return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "mp": mp_groups, "embedding": emb_groups}
 
 
+DEVICE_ENV = "MEGATRON_EFF_DEVICE"  # cpu | cuda: overrides the automatic choice (the CPU test suite sets cpu)
+
+
+def use_cuda() -> bool:
+    """Run on CUDA (and NCCL) when a GPU is there, unless MEGATRON_EFF_DEVICE=cpu."""
+    choice = os.environ.get(DEVICE_ENV, "").lower()
+    if choice not in ("", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={choice!r}: expected cpu or cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{DEVICE_ENV}=cuda but torch sees no CUDA device")
+    return choice != "cpu" and torch.cuda.is_available()
+
+
 def init_distributed(backend: str | None = None) -> None:
     """Initialise the default process group from torchrun's environment, if launched by torchrun."""
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
         return
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if use_cuda() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend)
+
+
+def communication_device() -> torch.device:
+    """Where tensors made for a collective live: this rank's CUDA device under NCCL (which rejects CPU
+    tensors; `init_distributed` set it from LOCAL_RANK), else the CPU (gloo, or no process group)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def initialize_parallel_state(config: ParallelConfig, num_layers_per_vpp_chunks: int = 1) -> ParallelState:

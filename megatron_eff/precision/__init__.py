@@ -1,6 +1,7 @@
 """Precision: FP8 (Transformer Engine, or local fake-quantised emulation), FP16 loss scaling, Unit Scaling.
 
     apply_precision(model_chunk, config.precision, config.model)   # after building, before init_weights
+    apply_precision(model, inference_precision(meta["config"]), model.config)   # tools: a checkpoint's model
 
 The model does not know which precision is on: FP8 emulation swaps the `gemm` of the transformer layers'
 linears (`fp8.py`), Unit Scaling swaps GEMMs, residual ops and adds embedding hooks (`unit_scaling.py`),
@@ -33,6 +34,17 @@ def apply_precision(model: nn.Module, precision, model_config) -> None:
 
         apply_unit_scaling(model, model_config, precision.unit_scaling_residual_tau_attn,
                            precision.unit_scaling_residual_tau_mlp)
+
+
+def inference_precision(run_config: dict):
+    """The `PrecisionConfig` a checkpoint's model is rebuilt with by the tools (evaluate, generate): its Unit
+    Scaling, which is part of the function the model computes, and no FP8 or loss scaling, which are training
+    numerics (an FP8-trained model is evaluated with full-precision GEMMs). `run_config` is meta.json's."""
+    from megatron_eff.config import PrecisionConfig
+
+    saved = run_config.get("precision") or {}
+    names = ("unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp")
+    return PrecisionConfig(**{name: saved[name] for name in names if name in saved})
 
 
 def precision_state(model_chunks) -> dict:
@@ -95,6 +107,11 @@ class PrecisionRuntime:
             if stage == self.pstate.pp_rank:
                 mine = group
         return mine
+
+    @property
+    def fp16_loss_scale(self) -> float | None:
+        """The FP16 loss scaler's current scale, for the logs; None without --fp16."""
+        return self.loss_scaler.scale if self.loss_scaler is not None else None
 
     def loss_scale(self, num_micro_batches: int) -> float:
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0

@@ -55,18 +55,32 @@ def te_parameter_name(name: str) -> str:
     return name
 
 
+_NOT_IMPORTABLE = (
+    "--transformer-impl transformer_engine: Transformer Engine is not importable here ({reason}); install it on "
+    "a CUDA machine (pip install --no-build-isolation transformer_engine[pytorch]) or use --transformer-impl local "
+    "(FP8 then runs as emulation)"
+)
+_NO_CUDA = "--transformer-impl transformer_engine needs a CUDA GPU; use --transformer-impl local"
+
+
+def check_transformer_engine() -> None:
+    """The launch-time check, without importing TE: a ValueError unless TE is installed and CUDA is there."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise ValueError(_NOT_IMPORTABLE.format(reason="no module named 'transformer_engine'"))
+    if not torch.cuda.is_available():
+        raise ValueError(_NO_CUDA)
+
+
 def import_transformer_engine():
     """`transformer_engine.pytorch`, or a ValueError naming the flag and what is missing."""
     try:
         import transformer_engine.pytorch as te
     except ImportError as error:  # also raised by TE itself when its CUDA libraries are missing
-        raise ValueError(
-            f"--transformer-impl transformer_engine: Transformer Engine is not importable here ({error}); "
-            "install it on a CUDA machine (pip install --no-build-isolation transformer_engine[pytorch]) "
-            "or use --transformer-impl local (FP8 then runs as emulation)"
-        ) from None
+        raise ValueError(_NOT_IMPORTABLE.format(reason=error)) from None
     if not torch.cuda.is_available():
-        raise ValueError("--transformer-impl transformer_engine needs a CUDA GPU; use --transformer-impl local")
+        raise ValueError(_NO_CUDA)
     return te
 
 

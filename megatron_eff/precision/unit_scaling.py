@@ -51,8 +51,9 @@ def activation_scale(swiglu: bool, sigma: float = 1.0) -> float:
     gmean(1/0.588, 1/0.675) = 1.587 (the paper's numbers); SwiGLU: gmean(1/0.597, 1/0.606) = 1.663."""
     z = torch.linspace(-12.0, 12.0, 24001, dtype=torch.float64, requires_grad=True)
     weight = torch.exp(-z.detach() ** 2 / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0]).item()
-    f = F.silu(sigma * z) if swiglu else F.gelu(sigma * z, approximate="tanh")
-    (df,) = torch.autograd.grad(f.sum(), z)  # = sigma f'(sigma z)
+    with torch.enable_grad():  # also when a model is built under no_grad (tools)
+        f = F.silu(sigma * z) if swiglu else F.gelu(sigma * z, approximate="tanh")
+        (df,) = torch.autograd.grad(f.sum(), z)  # = sigma f'(sigma z)
     mean = lambda t: float((t.detach() ** 2 * weight).sum())  # noqa: E731  E[t^2]
     if swiglu:  # silu(a) * b, a and b ~ N(0, sigma^2)
         alpha = 1.0 / math.sqrt(mean(f) * sigma**2)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from megatron_eff.config import MSTConfig
 from megatron_eff.parallel.data_parallel import DistributedOptimizer
 from megatron_eff.parallel.layers import local_shard
+from megatron_eff.parallel.state import communication_device
 from megatron_eff.sparsity.attention_patterns import attention_pattern, pattern_density, sparse_attention
 from megatron_eff.training import flops as flops_lib
 from megatron_eff.training.hooks import MethodHooks
@@ -397,7 +398,7 @@ class MSTHooks(MethodHooks):
     def _refresh_counts(self) -> None:
         """Active weights per layer over the whole model (sum over TP shards and pipeline stages)."""
         names = list(self.shapes)
-        counts = torch.zeros(len(names), dtype=torch.float64)
+        counts = torch.zeros(len(names), dtype=torch.float64, device=communication_device())
         for w in self.weights:
             if w.counted:
                 counts[names.index(w.name)] += int(w.mask.sum())
@@ -410,7 +411,8 @@ class MSTHooks(MethodHooks):
         """Every data-parallel replica must hold the same masks (a cheap checksum per layer)."""
         if self.pstate.dp_size == 1 or self.pstate.dp_group is None or not self.weights:
             return
-        sums = torch.tensor([int(w.mask.flatten().nonzero().sum()) for w in self.weights], dtype=torch.int64)
+        sums = torch.tensor([int(w.mask.flatten().nonzero().sum()) for w in self.weights], dtype=torch.int64,
+                            device=communication_device())
         low, high = sums.clone(), sums.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.pstate.dp_group)
         dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.pstate.dp_group)

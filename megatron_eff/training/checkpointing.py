@@ -8,7 +8,9 @@ Layout of `--save DIR`:
     DIR/latest_checkpointed_iteration.txt   tracker, written last
 
 A checkpoint is written into `iter_N.tmp` and renamed only when every rank has finished, and the tracker
-is replaced after the rename, so a crash mid-save never leaves a checkpoint that looks complete.
+is replaced after the rename, so a crash mid-save never leaves a checkpoint that looks complete. Re-saving
+an existing iteration moves the old copy to `iter_N.old` before the rename and deletes it after; a crash in
+between leaves `iter_N.old`, which loading then uses.
 
 Resharding: tensors are keyed by *global* names (`model.<name>`, `optimizer.<name>.exp_avg`, ...) and
 carry their *global* shape. A TP-sharded parameter (and its AdamW moments) is saved as a DTensor over the
@@ -48,6 +50,7 @@ from megatron_eff.precision.transformer_engine import local_parameter_name
 OPTIONAL_PREFIXES = ("precision.", "loss_scaler.")
 
 TRACKER = "latest_checkpointed_iteration.txt"
+ASIDE = ".old"  # suffix of the previous copy of an iteration while it is being re-saved
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 VOCAB_PADDED = (WORD_EMBEDDING, "output_layer.weight")  # rows padded to a multiple of 128 x TP
 
@@ -223,12 +226,21 @@ def save_checkpoint(
         _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
     _barrier()
     if _rank() == 0:
-        if os.path.exists(final):  # re-saving the same iteration: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _swap_in(tmp, final)
         _write_atomic(os.path.join(root, TRACKER), str(train_state.iteration))
+        shutil.rmtree(final + ASIDE, ignore_errors=True)
     _barrier()
     return final
+
+
+def _swap_in(tmp: str, final: str) -> None:
+    """Rename the finished `tmp` to `final`. Re-saving an iteration moves the old `final` aside first (deleted
+    once the tracker is written), so a crash at any point leaves a complete copy that `find_checkpoint` finds."""
+    aside = final + ASIDE
+    if os.path.exists(final):
+        shutil.rmtree(aside, ignore_errors=True)  # left by a crash after the last swap: `final` is complete
+        os.replace(final, aside)
+    os.replace(tmp, final)
 
 
 def find_checkpoint(root: str) -> str | None:
@@ -245,7 +257,10 @@ def find_checkpoint(root: str) -> str | None:
         raise ValueError(f"--load {root}: tracker {tracker} does not hold an iteration number: {text!r}") from None
     path = checkpoint_dir(root, iteration)
     if not os.path.exists(os.path.join(path, "meta.json")):
-        raise FileNotFoundError(f"--load {root}: tracker names iteration {iteration} but {path} is missing")
+        if os.path.exists(os.path.join(path + ASIDE, "meta.json")):  # a re-save crashed between its renames
+            return path + ASIDE
+        raise FileNotFoundError(f"--load {root}: tracker {tracker} names iteration {iteration} but {path} is "
+                                "missing or incomplete (no meta.json)")
     return path
 
 

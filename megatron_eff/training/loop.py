@@ -26,10 +26,16 @@ from megatron_eff.data.samplers import MockGPTDataset, micro_batches
 from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.parallel.data_parallel import GradSync, finalize_gradients
 from megatron_eff.parallel.pipeline import activation_shape, get_forward_backward_func, pipeline_layer_ranges
-from megatron_eff.parallel.state import ParallelState, init_distributed, initialize_parallel_state
+from megatron_eff.parallel.state import (
+    ParallelState,
+    communication_device,
+    init_distributed,
+    initialize_parallel_state,
+    use_cuda,
+)
 from megatron_eff.precision import PrecisionRuntime, apply_precision
 from megatron_eff.training import flops as flops_lib
-from megatron_eff.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_eff.training.checkpointing import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from megatron_eff.training.hooks import MethodHooks, build_method_hooks
 from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
 from megatron_eff.training.lr_schedule import learning_rate
@@ -60,7 +66,7 @@ def set_seed(seed: int) -> None:
 
 
 def device_for_run() -> torch.device:
-    if torch.cuda.is_available():
+    if use_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -185,7 +191,7 @@ def _counts_once(param, pstate: ParallelState) -> bool:
 
 def average_loss(losses: list[torch.Tensor], pstate: ParallelState) -> float:
     """Mean over micro-batches and DP ranks; broadcast from the last stage so every rank agrees."""
-    value = torch.stack(losses).mean() if losses else torch.zeros(())
+    value = torch.stack(losses).mean() if losses else torch.zeros((), device=communication_device())
     if pstate.dp_group is not None and pstate.dp_size > 1:
         dist.all_reduce(value, group=pstate.dp_group)
         value /= pstate.dp_size
@@ -200,7 +206,8 @@ def evaluate(model, dataset, config: Config, pstate: ParallelState, autocast) ->
     for chunk in model_chunks(model):
         chunk.eval()
     m = config.train.num_micro_batches(pstate.dp_size)
-    batches = micro_batches(dataset, 0, config.train.micro_batch_size, pstate.dp_rank, pstate.dp_size)
+    batches = micro_batches(dataset, 0, config.train.micro_batch_size, pstate.dp_rank, pstate.dp_size,
+                            config.data.num_workers)
     losses = []
     for _ in range(config.train.eval_iters):
         losses += run_schedule(model, batches, m, config, pstate, autocast, forward_only=True)
@@ -224,7 +231,7 @@ class _ExitSignal:
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([int(flag)])
+    value = torch.tensor([int(flag)], device=communication_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
@@ -256,11 +263,12 @@ class Run:
         if not self.config.checkpoint.save:
             return
         self.grad_sync.finish_param_gather()  # --overlap-param-gather: the stepped weights, not the last forward's
-        path = save_checkpoint(
-            self.config.checkpoint.save, self.state, self.named_params, self.optimizer, self.config.to_dict(),
-            _layout(self.pstate), self.pstate, hooks=self.hooks, extra_state=self.precision.state_tensors(),
-            rank_state=self.precision.rank_state(),
-        )
+        with self.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
+            path = save_checkpoint(
+                self.config.checkpoint.save, self.state, self.named_params, self.optimizer, self.config.to_dict(),
+                _layout(self.pstate), self.pstate, hooks=self.hooks, extra_state=self.precision.state_tensors(),
+                rank_state=self.precision.rank_state(),
+            )
         log(f"saved checkpoint {path}", self.pstate.rank == 0)
 
 
@@ -285,7 +293,10 @@ def setup_run(config: Config) -> Run:
     log(f"model: {sum(p.numel() for p in named_params.values()):,} parameters on this rank "
         f"({pstate.describe()})", pstate.rank == 0)
     state = TrainState()
-    if config.checkpoint.load:
+    if config.checkpoint.load and find_checkpoint(config.checkpoint.load) is None:  # as Megatron-LM: start fresh
+        log(f"WARNING: could not find a checkpoint in --load {config.checkpoint.load}; will not load any "
+            "checkpoint and will start from random", pstate.rank == 0)
+    elif config.checkpoint.load:
         state = load_checkpoint(
             config.checkpoint.load, named_params, optimizer, finetune=config.checkpoint.finetune,
             load_optim=not config.checkpoint.no_load_optim, load_rng=not config.checkpoint.no_load_rng,
@@ -324,7 +335,8 @@ def _account_skips(run: Run, result: StepResult, bad_steps: int) -> int:
 
 
 def _validate(run: Run, result_log: RunResult) -> None:
-    val = evaluate(run.model, run.valid_ds, run.config, run.pstate, run.autocast)
+    with run.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
+        val = evaluate(run.model, run.valid_ds, run.config, run.pstate, run.autocast)
     iteration = run.state.iteration
     log(f"validation at iter {iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}", run.is_logger)
     result_log.valid_losses[iteration] = val
@@ -351,7 +363,7 @@ def pretrain(config: Config) -> RunResult:
     gbs = train.resolved_global_batch_size(pstate.dp_size)
     num_micro = train.num_micro_batches(pstate.dp_size)
     batches = micro_batches(run.train_ds, state.consumed_train_samples, train.micro_batch_size, pstate.dp_rank,
-                            pstate.dp_size)
+                            pstate.dp_size, config.data.num_workers)
     tokens_per_iter = gbs * config.model.seq_length
     # Model FLOPs (no recompute), the numerator of MFU.
     flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter, config.model.seq_length)
@@ -368,10 +380,10 @@ def pretrain(config: Config) -> RunResult:
         state.consumed_train_samples += gbs
         bad_steps = _account_skips(run, result, bad_steps)
         result_log.losses.append(result.loss)
-        run.logger.record(result.loss, tokens_per_iter, flops_per_iter)
+        run.logger.record(result.loss, tokens_per_iter, flops_per_iter, skipped=result.skipped)
         if state.iteration % train.log_interval == 0:
-            run.logger.flush(state.iteration, state.consumed_train_samples * config.model.seq_length, lr,
-                             result.grad_norm, extra=run.hooks.log_scalars())
+            run.logger.flush(state, state.consumed_train_samples * config.model.seq_length, lr, result.grad_norm,
+                             loss_scale=run.precision.fp16_loss_scale, extra=run.hooks.log_scalars())
         if run.valid_ds is not None and train.eval_iters and state.iteration % train.eval_interval == 0:
             _validate(run, result_log)
         saved_last = bool(config.checkpoint.save_interval) and state.iteration % config.checkpoint.save_interval == 0

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_eff.config import OptimizerConfig
 from megatron_eff.parallel.data_parallel import DistributedOptimizer, GradSync
+from megatron_eff.parallel.state import communication_device
 
 
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -57,7 +58,7 @@ def global_grad_norm(params, norm_group=None, is_owner=None) -> float:
     if grads:
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) ** 2
     else:
-        total = torch.zeros(())
+        total = torch.zeros((), device=communication_device())
     if norm_group is not None and dist.get_world_size(norm_group) > 1:
         dist.all_reduce(total, group=norm_group)
     return math.sqrt(total.item())

@@ -125,6 +125,32 @@ def test_gqa_attention_matches_naive_reference(position):
     torch.testing.assert_close(attention(x), attention_reference(attention, x, config), rtol=1e-4, atol=1e-5)
 
 
+def test_local_core_attention_is_causal_sdpa_and_the_mask_path_agrees():
+    """The local backend's `core_attention` is the SDPA call attention.py made inline before the backend
+    provided it (same dropout draws), and SelfAttention's other path (SDPA with a boolean mask, used by the
+    KV cache and MST) gives the same output with a plain causal mask."""
+    config = ModelConfig(**{**MIX, "attention_dropout": 0.2})
+    attention = build(config).decoder.layers["0"].self_attention
+    core = attention.core_attention
+    q, k, v = torch.randn(10, 3, 8, 16), torch.randn(10, 3, 2, 16), torch.randn(10, 3, 2, 16)  # [s, b, heads, d]
+    for training in (True, False):
+        core.train(training)
+        torch.manual_seed(5)
+        out = core(q, k, v)
+        torch.manual_seed(5)
+        expected = F.scaled_dot_product_attention(
+            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), dropout_p=0.2 if training else 0.0,
+            is_causal=True, enable_gqa=True,
+        ).permute(2, 0, 1, 3).reshape(10, 3, 8 * 16)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    attention.eval()
+    x = torch.randn(10, 3, config.hidden_size)
+    plain = attention(x)
+    attention.attention_mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    torch.testing.assert_close(attention(x), plain, rtol=1e-5, atol=1e-6)
+
+
 def test_swiglu_and_gelu_mlp_match_formula():
     x = torch.randn(5, 2, 64)
     mlp = build(preset("llama-tiny")).decoder.layers["1"].mlp

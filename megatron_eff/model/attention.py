@@ -8,6 +8,11 @@ Hugging Face converter relies on):
 so a column-parallel split gives each TP rank `num_query_groups / tp` whole groups and attention needs
 no communication. K/V are not repeated per query head: SDPA's `enable_gqa=True` broadcasts them (measured
 on CPU fp32 as fast as or faster than `repeat_interleave`, and it saves the copies).
+
+The causal softmax(q k^T / sqrt(d)) v of training and evaluation is the backend's `core_attention` module:
+`CoreAttention` below (SDPA) with `local`, TE's `DotProductAttention` with `transformer_engine`. Two paths
+always use SDPA here, whatever the backend: generation with a KV cache (`inference_cache`) and MST's Hybrid
+Sparse Attention (`attention_mask` / `sparse_attention`, set by `sparsity/mst.py`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class SelfAttention(nn.Module):
         # computes only the pattern's scores instead. None keeps SDPA's causal fast path.
         self.attention_mask: torch.Tensor | None = None
         self.sparse_attention: Callable[..., torch.Tensor] | None = None
+        self.core_attention = backend.core_attention()  # no parameters: names match between backends
         self.rotary = None
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base)
@@ -68,21 +74,43 @@ class SelfAttention(nn.Module):
             q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
         v = qkv[:, :, :, -1]  # [s, b, g/tp, d]
         q = q.reshape(s, b, self.local_heads, self.head_dim)  # [s, b, nq/tp, d]
-        # SDPA wants [b, heads, s, d]
-        q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+        if inference_cache is None and self.sparse_attention is None and self.attention_mask is None:
+            out = self.core_attention(q, k, v)  # [s, b, nq/tp * d]
+        else:
+            out = self._cached_or_sparse_attention(q, k, v, inference_cache)
+        return self.linear_proj(out)  # [s, b, h]
+
+    def _cached_or_sparse_attention(self, q, k, v, inference_cache) -> torch.Tensor:
+        """SDPA over the KV cache (generation) or MST's sparse pattern, on every backend. q `[s, b, nq/tp, d]`,
+        k/v `[s, b, g/tp, d]` -> `[s, b, nq/tp * d]`."""
+        s, b = q.shape[:2]
+        q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # SDPA: [b, heads, s, d]
         dropout = self.attention_dropout if self.training else 0.0
         if inference_cache is None and self.sparse_attention is not None:  # MST's HSA: only the pattern's scores
             out = self.sparse_attention(q, k, v, dropout_p=dropout)  # [b, nq/tp, s, d]
         else:
-            mask = None
             if inference_cache is not None:  # attend to the cached positions too
                 mask = inference_cache.causal_mask(s, q.device)
                 k, v = inference_cache.update(self, k, v)  # [b, g/tp, offset + s, d]
-            elif self.attention_mask is not None:  # MST's HSA as a mask over the full scores
+            else:  # MST's HSA as a mask over the full scores
                 mask = self.attention_mask[:s, :s]
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and inference_cache is None,
-                enable_gqa=self.heads_per_group > 1,
+                q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.heads_per_group > 1
             )  # [b, nq/tp, s, d]
-        out = out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)  # [s, b, h/tp]
-        return self.linear_proj(out)  # [s, b, h]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)  # [s, b, h/tp]
+
+
+class CoreAttention(nn.Module):
+    """The `local` backend's core attention: causal SDPA (flash/cuDNN kernels on GPU), GQA broadcast by SDPA.
+    q `[s, b, nq/tp, d]`, k/v `[s, b, g/tp, d]` -> `[s, b, nq/tp * d]`, as TE's DotProductAttention("sbhd")."""
+
+    def __init__(self, attention_dropout: float, gqa: bool):
+        super().__init__()
+        self.attention_dropout, self.gqa = attention_dropout, gqa
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s, b = q.shape[:2]
+        q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # SDPA: [b, heads, s, d]
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=self.gqa)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nq/tp * d]

@@ -1,17 +1,22 @@
-"""Layer factories: the transformer asks a backend for its linears and norms, so tensor parallelism and
-precision are a choice of layer, not a branch in `forward`.
+"""Layer factories: the transformer asks a backend for its linears, norms and core attention, and for the
+activation-recompute function, so tensor parallelism and precision are a choice of layer, not a branch in
+`forward`.
 
-- `local`: pure PyTorch — `megatron_eff.parallel.layers` (column/row-parallel linears) and `norms.py`.
-- `transformer_engine`: TE modules (fused norm + linear), `megatron_eff/precision/transformer_engine.py`;
-  imported lazily, so without TE/CUDA only that flag fails (with a clear message).
+- `local`: pure PyTorch — `megatron_eff.parallel.layers` (column/row-parallel linears), `norms.py`, SDPA
+  (`model.attention.CoreAttention`) and `torch.utils.checkpoint`.
+- `transformer_engine`: TE modules (fused norm + linear, DotProductAttention) and TE's checkpoint,
+  `megatron_eff/precision/transformer_engine.py`; imported lazily, so without TE/CUDA only that flag fails
+  (with a clear message).
 FP8 emulation and Unit Scaling transform the built model (`megatron_eff/precision/`), not the backend.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from megatron_eff.config import ModelConfig
+from megatron_eff.model.attention import CoreAttention
 from megatron_eff.model.norms import LayerNorm, RMSNorm
 from megatron_eff.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_eff.parallel.state import ParallelState
@@ -44,6 +49,16 @@ class LocalBackend:
     def norm(self, hidden_size: int) -> nn.Module:
         norm_class = LayerNorm if self.config.normalization == "LayerNorm" else RMSNorm
         return norm_class(hidden_size, self.config.norm_epsilon, self.sequence_parallel)
+
+    def core_attention(self) -> nn.Module:
+        """Causal attention of this rank's heads: q `[s, b, nq/tp, d]`, k/v `[s, b, g/tp, d]` -> `[s, b, nq/tp * d]`."""
+        config = self.config
+        return CoreAttention(config.attention_dropout, gqa=config.num_attention_heads > config.num_query_groups)
+
+    @staticmethod
+    def checkpoint(function, *args):
+        """`function(*args)`, its activations recomputed in backward (non-reentrant; dropout masks replayed)."""
+        return torch_checkpoint(function, *args, use_reentrant=False)
 
 
 def build_backend(config: ModelConfig, pstate: ParallelState, sequence_parallel: bool):

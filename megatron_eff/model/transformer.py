@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_eff.config import ModelConfig
 from megatron_eff.model.attention import SelfAttention
@@ -53,18 +52,20 @@ class TransformerLayer(nn.Module):
 class TransformerBlock(nn.Module):
     """Layers `layer_range = (first, last)` (global indices, `last` exclusive) and, on the last pipeline
     stage, the final norm. With `config.recompute_activations` each layer's activations are recomputed
-    in the backward pass instead of stored (non-reentrant checkpoint; dropout masks are replayed)."""
+    in the backward pass instead of stored, by the backend's `checkpoint` (non-reentrant; dropout masks are
+    replayed; TE's checkpoint also replays the FP8 scales of the forward)."""
 
     def __init__(self, config: ModelConfig, backend, layer_range: tuple[int, int], post_process: bool):
         super().__init__()
         self.recompute = config.recompute_activations
+        self.checkpoint = backend.checkpoint  # a plain function: torch's or TE's checkpoint
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, backend) for i in range(*layer_range)})
         self.final_layernorm = backend.norm(config.hidden_size) if post_process else None
 
     def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:
         for layer in self.layers.values():
             if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = self.checkpoint(layer, x)
             else:
                 x = layer(x, inference_cache)
         return x if self.final_layernorm is None else self.final_layernorm(x)

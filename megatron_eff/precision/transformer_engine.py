@@ -7,7 +7,13 @@ What the backend builds (the same model, names mapping 1:1 to the `local` backen
 - QKV and MLP-in: `te.pytorch.LayerNormLinear` (the layer's input norm fused in, `parallel_mode="column"`);
 - attention projection and MLP-out: `te.pytorch.Linear(parallel_mode="row")`;
 - the final norm: our local norm (unfused, as there is no linear after it in the block);
-- core attention stays PyTorch SDPA (flash/cuDNN kernels on GPU); TE's `DotProductAttention` is not used.
+- core attention: `te.pytorch.DotProductAttention` (`qkv_format="sbhd"`, `attn_mask_type="causal"`, GQA
+  through `num_gqa_groups`; TE picks its flash / cuDNN fused / unfused kernel). It has no parameters, so
+  names do not change. Generation with a KV cache and MST's Hybrid Sparse Attention keep our SDPA path
+  (`model/attention.py`) on this backend too. Attention dropout draws from the default CUDA generator, as
+  the local backend's SDPA does (no `get_rng_state_tracker`: TE forks one only when given it);
+- activation recompute (`--recompute-activations`): `te.pytorch.checkpoint` (non-reentrant), which under FP8
+  recomputes each layer with the FP8 scales of its forward pass.
 TP and sequence parallelism go through TE's own `tp_group`, `tp_size`, `sequence_parallel` arguments.
 
 Names: TE's LayerNormLinear holds the fused norm as `layer_norm_weight` / `layer_norm_bias`; checkpoints
@@ -16,9 +22,10 @@ SwiGLU fc1 weight (TE: `[2 ffn/tp, h]` = `[gate ; up]` of this rank) is viewed a
 (`param.local_view_shape`), so a checkpoint moves between the two backends, in both directions.
 
 FP8: forward runs inside `te.pytorch.fp8_autocast(enabled=True, fp8_recipe=..., fp8_group=...)` with the
-recipe from `--fp8-recipe`; the amax reduction group is TP x DP (as Megatron-LM's). TE's FP8 state
-(amax histories, scales: the modules' `get_extra_state()`) is saved per rank with the checkpoint and
-restored when the layout is unchanged.
+recipe from `--fp8-recipe`; the amax reduction group is TP x DP (as Megatron-LM's). The recipes leave
+`fp8_dpa` off, so DotProductAttention computes in BF16 inside the FP8 region. TE's FP8 state (amax
+histories, scales: `get_extra_state()` of the linears and of DotProductAttention, `...core_attention`) is
+saved per rank with the checkpoint and restored when the layout is unchanged.
 """
 
 from __future__ import annotations
@@ -165,6 +172,21 @@ class TEBackend:
         module.input_size, module.output_size = input_size, output_size
         return module
 
+    def core_attention(self) -> nn.Module:
+        """q `[s, b, nq/tp, d]`, k/v `[s, b, g/tp, d]` -> `[s, b, nq/tp * d]`; head counts are global, TE divides
+        them by `tp_size`. Softmax scale: TE's default 1/sqrt(kv_channels), as SDPA's."""
+        c = self.config
+        return self.te.DotProductAttention(
+            c.num_attention_heads, c.head_dim, num_gqa_groups=c.num_query_groups,
+            attention_dropout=c.attention_dropout, qkv_format="sbhd", attn_mask_type="causal",
+            sequence_parallel=self.sequence_parallel, tp_size=self.tp_size, tp_group=self.tp_group,
+        )
+
+    @staticmethod
+    def checkpoint(function, *args):
+        """TE's activation checkpoint, non-reentrant as the local backend's; CPU/CUDA RNG states replayed."""
+        return import_transformer_engine().checkpoint(function, *args, use_reentrant=False)
+
     def row_linear(self, input_size: int, output_size: int, *, bias: bool, init_std: float) -> nn.Module:
         self._pending_norm = None
         module = self.te.Linear(input_size, output_size, bias=bias, **self._parallel_kwargs("row"))
@@ -176,12 +198,20 @@ class TEBackend:
         return module
 
 
+def _has_te_extra_state(module: nn.Module) -> bool:
+    """A TE module that implements `get_extra_state` (LayerNormLinear, Linear, DotProductAttention). Every
+    nn.Module has the method, raising unless overridden: DotProductAttention's inner FlashAttention,
+    FusedAttention, UnfusedDotProductAttention (also TE classes) do not override it."""
+    return (type(module).__module__.startswith("transformer_engine")
+            and type(module).get_extra_state is not nn.Module.get_extra_state)
+
+
 def te_extra_state(model_chunks) -> dict:
-    """{module name: TE FP8 state} of every TE module (what `get_extra_state` returns)."""
+    """{module name: TE FP8 state} of every TE module with FP8 state (what `get_extra_state` returns)."""
     state = {}
     for chunk in model_chunks:
         for name, module in chunk.named_modules():
-            if type(module).__module__.startswith("transformer_engine") and hasattr(module, "get_extra_state"):
+            if _has_te_extra_state(module):
                 state[name] = module.get_extra_state()
     return state
 
@@ -189,7 +219,7 @@ def te_extra_state(model_chunks) -> dict:
 def load_te_extra_state(model_chunks, state: dict) -> None:
     for chunk in model_chunks:
         for name, module in chunk.named_modules():
-            if name in state and hasattr(module, "set_extra_state"):
+            if name in state and _has_te_extra_state(module):
                 module.set_extra_state(state[name])
 
 

@@ -492,13 +492,15 @@ class PrecisionConfig:
     def fp8(self) -> bool:
         return self.fp8_format is not None
 
-    def check_run(self, model: ModelConfig, train: TrainConfig) -> None:
+    def check_run(self, model: ModelConfig, train: TrainConfig, tensor_parallel_size: int) -> None:
         """Rules between precision flags and the rest of the run."""
         _require(not (self.fp8 and train.fp16),
                  "--fp8-format runs its non-FP8 ops in BF16 or FP32: use --bf16 (or neither), not --fp16")
         _require(self.loss_scale is None or train.fp16, "--loss-scale needs --fp16")
         _require(self.fp8_gemm == "emulate" or model.transformer_impl == "local",
                  "--fp8-gemm scaled_mm is for --transformer-impl local (Transformer Engine runs its own FP8 GEMMs)")
+        if self.fp8_gemm == "scaled_mm":
+            self._check_scaled_mm_sizes(model, tensor_parallel_size)
         _require(not self.unit_scaling or model.transformer_impl == "local",
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
         if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
@@ -507,6 +509,26 @@ class PrecisionConfig:
             for flag, size in sizes.items():
                 _require(size % block == 0, f"--fp8-recipe {self.fp8_recipe} (local emulation) needs {flag} "
                          f"divisible by its block size {block}, got {size}")
+
+    def _check_scaled_mm_sizes(self, model: ModelConfig, tp: int) -> None:
+        """`torch._scaled_mm` on GPU needs both sizes of each rank's FP8 weight [out, in] divisible by 16 (the
+        token dim is padded). Checked on every device, so a CPU run catches what a GPU run would refuse."""
+        fp8_layers = model.num_layers - (min(model.num_layers, 2) if self.first_last_layers_bf16 else 0)
+        if not fp8_layers:
+            return
+        h, ffn, nq, g = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.num_query_groups
+        shapes = {  # this rank's weights: column parallel [out/tp, in], row parallel [out, in/tp]
+            "linear_qkv": ((nq + 2 * g) * model.head_dim // tp, h),
+            "linear_proj": (h, h // tp),
+            "linear_fc1": ((2 if model.swiglu else 1) * ffn // tp, h),
+            "linear_fc2": (h, ffn // tp),
+        }
+        for name, (rows, cols) in shapes.items():
+            _require(rows % 16 == 0 and cols % 16 == 0,
+                     f"--fp8-gemm scaled_mm needs linear weights [out, in] with both sizes divisible by 16 on each "
+                     f"rank (torch._scaled_mm); {name} has [{rows}, {cols}] with --hidden-size {h}, "
+                     f"--ffn-hidden-size {ffn}, --num-attention-heads {nq} / --num-query-groups {g}, "
+                     f"--tensor-model-parallel-size {tp}: change the sizes or use --fp8-gemm emulate")
 
 
 @dataclass
@@ -526,7 +548,7 @@ class Config:
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
         self.mst.check_run(self.model, self.train)
-        self.precision.check_run(self.model, self.train)
+        self.precision.check_run(self.model, self.train, self.parallel.tensor_model_parallel_size)
 
     def check_launch(self, world_size: int | None = None) -> int:
         """Rules that need the world size (default: `WORLD_SIZE`, as set by torchrun) or the file system,
@@ -535,15 +557,13 @@ class Config:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
         dp = self.parallel.data_parallel_size(world_size)
         num_micro_batches = self.train.num_micro_batches(dp)
-        pp = self.parallel.pipeline_model_parallel_size
-        if self.parallel.num_layers_per_virtual_pipeline_stage and pp > 1:
-            _require(
-                num_micro_batches % pp == 0,
-                f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the number of "
-                f"micro-batches, --global-batch-size {self.train.resolved_global_batch_size(dp)} / "
-                f"(--micro-batch-size {self.train.micro_batch_size} x data-parallel size {dp}) = "
-                f"{num_micro_batches}, to be a multiple of --pipeline-model-parallel-size {pp}",
-            )
+        if self.parallel.num_layers_per_virtual_pipeline_stage:  # (check_model: only with pp > 1)
+            from megatron_eff.parallel.pipeline import check_interleaved
+
+            train = self.train
+            check_interleaved(num_micro_batches, self.parallel.pipeline_model_parallel_size,
+                              f"--global-batch-size {train.resolved_global_batch_size(dp)} / (--micro-batch-size "
+                              f"{train.micro_batch_size} x data-parallel size {dp}) = ")
         if self.model.transformer_impl == "transformer_engine":
             from megatron_eff.precision.transformer_engine import check_transformer_engine
 

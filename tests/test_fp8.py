@@ -162,6 +162,18 @@ def test_scaled_mm_matches_the_emulation(recipe_name, fmt):
         assert not torch.equal(real[3].scale, torch.ones(3))  # step 2 used the updated scales
 
 
+@pytest.mark.parametrize("gemm_cls, gemm", [(Fp8Gemm, "emulate"), (ScaledMmFp8Gemm, "scaled_mm")])
+def test_fp8_linear_with_bias_returns_the_autocast_dtype(gemm_cls, gemm):
+    recipe = Fp8Recipe("hybrid", "delayed", amax_history_len=2, gemm=gemm)
+    fp8 = gemm_cls(recipe, Fp8Meta(recipe.amax_history_len))
+    x, w, bias = torch.randn(2, 3, 16), torch.randn(16, 16), torch.randn(16)  # FP32 master weight and bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, y, no_bias = F.linear(x, w, bias), fp8(x, w, bias), fp8(x, w, None)
+    assert plain.dtype == torch.bfloat16
+    assert y.dtype == plain.dtype and y.shape == plain.shape
+    assert torch.equal(y, no_bias + bias.to(torch.bfloat16))  # delayed scaling: same scales in both calls
+
+
 def test_scaled_mm_training_tracks_the_emulation():
     # --vocab-size 63: NullTokenizer ids 0..62 + eod = 64 ids, no vocabulary padding
     flags = ["--model-preset", "llama-tiny", "--micro-batch-size", "4", "--seq-length", "32",
@@ -187,15 +199,20 @@ def test_scaled_mm_bad_flags(flags, message):
                                      *flags]))
 
 
-def test_scaled_mm_weight_sizes_not_divisible_by_16_fail_at_model_build():
+@pytest.mark.parametrize("sizes, shape", [
+    (["--ffn-hidden-size", "40"], r"\[64, 40\]"),
+    (["--tensor-model-parallel-size", "2"], r"\[64, 88\]"),  # ffn 176 / tp 2: the per-rank shard
+])
+def test_scaled_mm_weight_sizes_not_divisible_by_16_fail_with_the_flags(sizes, shape):
     from megatron_eff.parallel.state import ParallelState
     from megatron_eff.training import loop
 
-    flags = ["--model-preset", "llama-tiny", "--mock-data", "--fp8-format", "hybrid", "--ffn-hidden-size", "40"]
-    config = config_from_args(parse_args([*flags, "--fp8-gemm", "scaled_mm"]))
-    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.mlp\.linear_fc2 has \[64, 40\]"):
-        loop.build_model(config, ParallelState.single(), torch.device("cpu"))
-    loop.build_model(config_from_args(parse_args(flags)), ParallelState.single(), torch.device("cpu"))  # emulate
+    flags = ["--model-preset", "llama-tiny", "--mock-data", "--fp8-format", "hybrid", *sizes]
+    with pytest.raises(ValueError, match=rf"linear_fc2 has {shape} with --hidden-size 64, --ffn-hidden-size"):
+        config_from_args(parse_args([*flags, "--fp8-gemm", "scaled_mm"]))  # before any process-group work
+    config_from_args(parse_args(flags))  # emulate
+    default = config_from_args(parse_args(flags[:5] + ["--fp8-gemm", "scaled_mm"]))  # llama-tiny's sizes: fine
+    loop.build_model(default, ParallelState.single(), torch.device("cpu"))
 
 
 @pytest.mark.slow

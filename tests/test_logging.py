@@ -66,13 +66,13 @@ def test_log_line_and_eta_count_paused_time_per_iteration(monkeypatch, capsys):
     clock = FakeClock()
     monkeypatch.setattr(logging_lib, "_now", clock)
     logger = logging_lib.TrainingLogger(enabled=True, tensorboard_dir=None, train_iters=10, world_size=1,
-                                        peak_tflops=None)
+                                        peak_tflops=None, seq_length=100)
     for i in range(2):
         clock.now += 1.0
         logger.record(2.0, tokens=100, flops=0.0, skipped=i == 0)
     with logger.paused():
         clock.now += 8.0
-    scalars = logger.flush(TrainState(iteration=2, consumed_train_samples=4), 400, 1e-3, 0.5, loss_scale=1024.0)
+    scalars = logger.flush(TrainState(iteration=2, consumed_train_samples=4), 1e-3, 0.5, loss_scale=1024.0)
     assert scalars["tokens_per_sec"] == 100 and scalars["skipped_iterations"] == 1
     line = capsys.readouterr().out
     # 8 remaining iterations x (1 s of training + 8 s / 2 iterations of validation) = 40 s
@@ -80,6 +80,6 @@ def test_log_line_and_eta_count_paused_time_per_iteration(monkeypatch, capsys):
         assert part in line, (part, line)
     clock.now += 1.0
     logger.record(2.0, tokens=100, flops=0.0)
-    logger.flush(TrainState(iteration=3, consumed_train_samples=6), 600, 1e-3, 0.5)
+    logger.flush(TrainState(iteration=3, consumed_train_samples=6), 1e-3, 0.5)
     line = capsys.readouterr().out
     assert "skipped" not in line and "loss_scale" not in line  # no skips in this window; not FP16

@@ -3,6 +3,7 @@ loss, recomputation, layout-independent init, and logits parity with Hugging Fac
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from megatron_eff.model.backends import build_backend
 from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.model.rope import RotaryEmbedding, apply_rotary
 from megatron_eff.parallel.state import ParallelState
+from megatron_eff.sparsity.attention_patterns import masked_sdpa
 from megatron_eff.training.flops import count_parameters
 
 
@@ -127,8 +129,8 @@ def test_gqa_attention_matches_naive_reference(position):
 
 def test_local_core_attention_is_causal_sdpa_and_the_mask_path_agrees():
     """The local backend's `core_attention` is the SDPA call attention.py made inline before the backend
-    provided it (same dropout draws), and SelfAttention's other path (SDPA with a boolean mask, used by the
-    KV cache and MST) gives the same output with a plain causal mask."""
+    provided it (same dropout draws), and SelfAttention's sparse path (MST's `--mst-hsa-impl mask`: SDPA with a
+    boolean mask) gives the same output with a plain causal mask."""
     config = ModelConfig(**{**MIX, "attention_dropout": 0.2})
     attention = build(config).decoder.layers["0"].self_attention
     core = attention.core_attention
@@ -147,7 +149,7 @@ def test_local_core_attention_is_causal_sdpa_and_the_mask_path_agrees():
     attention.eval()
     x = torch.randn(10, 3, config.hidden_size)
     plain = attention(x)
-    attention.attention_mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    attention.sparse_attention = functools.partial(masked_sdpa, mask=torch.ones(32, 32, dtype=torch.bool).tril())
     torch.testing.assert_close(attention(x), plain, rtol=1e-5, atol=1e-6)
 
 

@@ -191,7 +191,7 @@ class Recorder:
                 assert (w.param[grown] == 0).all()
                 assert (state["exp_avg"][grown] == 0).all() and (state["exp_avg_sq"][grown] == 0).all()
                 self.grown_checks += 1
-        hsa = [m.attention_mask is not None for m in self.inner.attention_modules]
+        hsa = [m.sparse_attention is not None for m in self.inner.attention_modules]
         self.rows.append((it, self.inner.sparsity(), all(hsa) and any(hsa)))
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_eff.sparsity import mst as mst_lib
-from megatron_eff.sparsity.attention_patterns import PATTERNS, attention_pattern, sparse_attention
+from megatron_eff.sparsity.attention_patterns import PATTERNS, attention_pattern, masked_sdpa, sparse_attention
 from tests.test_mst import FLAGS, run
 
 # (s, w): s a multiple of w, s not a multiple of w, w = 1, w = s, w > s, a single position
@@ -107,16 +107,20 @@ def test_never_builds_an_s_by_s_tensor(pattern):
 @pytest.mark.parametrize("pattern", ["sparse", "fixed"])
 def test_mst_run_factorized_matches_mask(monkeypatch, pattern):
     flags = [*FLAGS, "--train-iters", "14", "--mst-phase-iters", "4,8,2", "--mst-hsa-pattern", pattern]
-    calls = []
+    calls, masked_calls = [], []
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return sparse_attention(*args, **kwargs)
+    def counted(function, calls):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            return function(*args, **kwargs)
 
-    monkeypatch.setattr(mst_lib, "sparse_attention", counted)
+        return wrapped
+
+    monkeypatch.setattr(mst_lib, "sparse_attention", counted(sparse_attention, calls))
+    monkeypatch.setattr(mst_lib, "masked_sdpa", counted(masked_sdpa, masked_calls))
     factorized = run(monkeypatch, [*flags, "--mst-hsa-impl", "factorized"])
-    assert len(calls) == 8 * 2 * 2  # HSA iterations x micro-batches x layers
+    assert len(calls) == 8 * 2 * 2 and not masked_calls  # HSA iterations x micro-batches x layers
     masked = run(monkeypatch, [*flags, "--mst-hsa-impl", "mask"])
-    assert len(calls) == 8 * 2 * 2
+    assert len(calls) == 8 * 2 * 2 and len(masked_calls) == 8 * 2 * 2  # the mask impl: the masked SDPA path
     assert len(factorized.losses) == 14
     assert factorized.losses == pytest.approx(masked.losses, rel=1e-5)

@@ -2,6 +2,7 @@
 validation; the backend's wiring (DotProductAttention, TE's checkpoint, FP8 extra state) against a CPU
 stand-in with TE's call signatures. Tests that need TE and CUDA skip cleanly here (they run on a GPU machine)."""
 
+import functools
 import math
 import sys
 import types
@@ -15,6 +16,7 @@ from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.config import ModelConfig, PrecisionConfig
 from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.precision.transformer_engine import local_parameter_name, te_parameter_name
+from megatron_eff.sparsity.attention_patterns import masked_sdpa
 
 
 def _te_usable() -> bool:
@@ -253,9 +255,10 @@ def test_te_backend_wiring_on_a_stand_in(fake_te):
     with torch.no_grad():
         torch.testing.assert_close(te_model(tokens), local(tokens), rtol=1e-4, atol=1e-5)
         assert core.calls == 1
-        attention.attention_mask = torch.ones(32, 32, dtype=torch.bool).tril()  # MST's HSA (mask impl)
+        causal = torch.ones(32, 32, dtype=torch.bool).tril()
+        attention.sparse_attention = functools.partial(masked_sdpa, mask=causal)  # MST's HSA (mask impl)
         te_model(tokens)
-        attention.attention_mask = None
+        attention.sparse_attention = None
         cache = InferenceCache(max_length=32)
         te_model(tokens, inference_cache=cache)
     assert core.calls == 1

@@ -11,8 +11,8 @@ on CPU fp32 as fast as or faster than `repeat_interleave`, and it saves the copi
 
 The causal softmax(q k^T / sqrt(d)) v of training and evaluation is the backend's `core_attention` module:
 `CoreAttention` below (SDPA) with `local`, TE's `DotProductAttention` with `transformer_engine`. Two paths
-always use SDPA here, whatever the backend: generation with a KV cache (`inference_cache`) and MST's Hybrid
-Sparse Attention (`attention_mask` / `sparse_attention`, set by `sparsity/mst.py`).
+bypass it, whatever the backend: generation with a KV cache (`inference_cache`, SDPA here) and MST's Hybrid
+Sparse Attention (`sparse_attention`, set by `sparsity/mst.py`).
 """
 
 from __future__ import annotations
@@ -48,10 +48,8 @@ class SelfAttention(nn.Module):
             init_std=scaled_init_std(std, config.num_layers),
         )
         # Optional sparse pattern inside the causal triangle, set by a training method (MST's hybrid sparse
-        # attention): `attention_mask`, a boolean [s, s] mask (True = attend) that SDPA applies to the full
-        # scores, and optionally `sparse_attention`, a function (q, k, v, dropout_p) -> out in SDPA layout that
-        # computes only the pattern's scores instead. None keeps SDPA's causal fast path.
-        self.attention_mask: torch.Tensor | None = None
+        # attention): a function (q, k, v, dropout_p) -> out in SDPA layout (q [b, nq/tp, s, d], k/v
+        # [b, g/tp, s, d]) used instead of `core_attention`. None keeps the backend's causal attention.
         self.sparse_attention: Callable[..., torch.Tensor] | None = None
         self.core_attention = backend.core_attention()  # no parameters: names match between backends
         self.rotary = None
@@ -74,30 +72,32 @@ class SelfAttention(nn.Module):
             q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
         v = qkv[:, :, :, -1]  # [s, b, g/tp, d]
         q = q.reshape(s, b, self.local_heads, self.head_dim)  # [s, b, nq/tp, d]
-        if inference_cache is None and self.sparse_attention is None and self.attention_mask is None:
-            out = self.core_attention(q, k, v)  # [s, b, nq/tp * d]
+        dropout = self.attention_dropout if self.training else 0.0
+        if inference_cache is not None:
+            out = _in_sdpa_layout(self._cached_attention, q, k, v, inference_cache, dropout)
+        elif self.sparse_attention is not None:  # MST's HSA
+            out = _in_sdpa_layout(self.sparse_attention, q, k, v, dropout_p=dropout)
         else:
-            out = self._cached_or_sparse_attention(q, k, v, inference_cache)
+            out = self.core_attention(q, k, v)  # [s, b, nq/tp * d]
         return self.linear_proj(out)  # [s, b, h]
 
-    def _cached_or_sparse_attention(self, q, k, v, inference_cache) -> torch.Tensor:
-        """SDPA over the KV cache (generation) or MST's sparse pattern, on every backend. q `[s, b, nq/tp, d]`,
-        k/v `[s, b, g/tp, d]` -> `[s, b, nq/tp * d]`."""
-        s, b = q.shape[:2]
-        q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # SDPA: [b, heads, s, d]
-        dropout = self.attention_dropout if self.training else 0.0
-        if inference_cache is None and self.sparse_attention is not None:  # MST's HSA: only the pattern's scores
-            out = self.sparse_attention(q, k, v, dropout_p=dropout)  # [b, nq/tp, s, d]
-        else:
-            if inference_cache is not None:  # attend to the cached positions too
-                mask = inference_cache.causal_mask(s, q.device)
-                k, v = inference_cache.update(self, k, v)  # [b, g/tp, offset + s, d]
-            else:  # MST's HSA as a mask over the full scores
-                mask = self.attention_mask[:s, :s]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.heads_per_group > 1
-            )  # [b, nq/tp, s, d]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)  # [s, b, h/tp]
+    def _cached_attention(self, q, k, v, inference_cache, dropout: float) -> torch.Tensor:
+        """SDPA over the KV cache (generation), on every backend: q `[b, nq/tp, s, d]` attends to the cached
+        positions and its own; k/v `[b, g/tp, s, d]` are appended to the cache."""
+        mask = inference_cache.causal_mask(q.shape[2], q.device)
+        k, v = inference_cache.update(self, k, v)  # [b, g/tp, offset + s, d]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.heads_per_group > 1
+        )  # [b, nq/tp, s, d]
+
+
+def _in_sdpa_layout(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   *args, **kwargs) -> torch.Tensor:
+    """`attend(q, k, v, *args, **kwargs)`, a function in SDPA layout (`[b, heads, s, d]`), on q `[s, b, nq/tp, d]`,
+    k/v `[s, b, g/tp, d]`; returns `[s, b, nq/tp * d]`."""
+    s, b = q.shape[:2]
+    out = attend(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), *args, **kwargs)
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [b, nq/tp, s, d] -> [s, b, nq/tp * d]
 
 
 class CoreAttention(nn.Module):
@@ -109,8 +109,6 @@ class CoreAttention(nn.Module):
         self.attention_dropout, self.gqa = attention_dropout, gqa
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s, b = q.shape[:2]
-        q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # SDPA: [b, heads, s, d]
         dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=self.gqa)
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, nq/tp * d]
+        return _in_sdpa_layout(F.scaled_dot_product_attention, q, k, v, dropout_p=dropout, is_causal=True,
+                              enable_gqa=self.gqa)  # [s, b, nq/tp * d]

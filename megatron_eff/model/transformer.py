@@ -58,7 +58,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, backend, layer_range: tuple[int, int], post_process: bool):
         super().__init__()
         self.recompute = config.recompute_activations
-        self.checkpoint = backend.checkpoint  # a plain function: torch's or TE's checkpoint
+        self.checkpoint = backend.checkpoint  # a function: torch's checkpoint or the TE backend's
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config, backend) for i in range(*layer_range)})
         self.final_layernorm = backend.norm(config.hidden_size) if post_process else None
 

@@ -85,14 +85,21 @@ def one_f_one_b_order(pp: int, rank: int, num_micro_batches: int, forward_only: 
     return order + [("B", k) for k in range(m - warmup, m)]
 
 
+def check_interleaved(num_micro_batches: int, pp: int, derivation: str = "") -> None:
+    """Interleaved 1F1B takes the micro-batches `pp` at a time: their number must be a multiple of `pp`.
+    `derivation` (the batch-size flags, as `Config.check_launch` gives them) goes before the number."""
+    if num_micro_batches % pp:
+        raise ValueError(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the number of "
+                         f"micro-batches, {derivation}{num_micro_batches}, to be a multiple of "
+                         f"--pipeline-model-parallel-size {pp}")
+
+
 def interleaved_steps(pp: int, rank: int, num_micro_batches: int, num_chunks: int,
                       forward_only: bool = False) -> list[list[Action]]:
     """Megatron-core's interleaved 1F1B order of pipeline rank `rank`, cut into the steps between which
     it communicates: single forwards (warm-up), (forward, backward) pairs (steady), single backwards."""
     m, v = num_micro_batches, num_chunks
-    if m % pp:
-        raise ValueError(f"interleaved pipelining needs the number of micro-batches {m} to be a multiple of "
-                         f"--pipeline-model-parallel-size {pp}")
+    check_interleaved(m, pp)
     total = m * v
     warmup = total if forward_only or m == pp else min(2 * (pp - rank - 1) + (v - 1) * pp, total)
 

@@ -17,9 +17,7 @@ from torch import nn
 def apply_precision(model: nn.Module, precision, model_config) -> None:
     """Transform one freshly built `GPTModel` chunk in place for `precision` (a `PrecisionConfig`)."""
     first_last = (0, model_config.num_layers - 1)
-    if model_config.transformer_impl == "transformer_engine":
-        if precision.unit_scaling:
-            raise ValueError("--unit-scaling is implemented for --transformer-impl local only (see README)")
+    if model_config.transformer_impl == "transformer_engine":  # (no Unit Scaling: PrecisionConfig.check_run)
         if precision.fp8 and precision.first_last_layers_bf16:
             from megatron_eff.precision.transformer_engine import keep_layers_out_of_fp8
 

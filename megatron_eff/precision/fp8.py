@@ -13,9 +13,9 @@ Real FP8 GEMMs (`--fp8-gemm scaled_mm`, per-tensor recipes only): `ScaledMmFp8Ge
 output gradient the same way (same scales, same amax records) and runs forward, dgrad and wgrad with
 `torch._scaled_mm` (E4M3 x E4M3; E5M2 gradient x E4M3 under hybrid), FP32 accumulation, output in the
 autocast dtype. torch's FP8 path without Transformer Engine: FP8 tensor cores on an sm89+ GPU; on CPU a
-reference kernel (a little slower than the emulation). The GPU kernel wants W's sizes divisible by 16 (checked at
-model build on every device; the token dim is zero-padded for wgrad) and cuBLASLt's row-major x
-column-major operands (W gets a transposed FP8 copy for dgrad, x and the gradient for wgrad).
+reference kernel (a little slower than the emulation). The GPU kernel wants W's sizes divisible by 16 (checked
+with the flags, `PrecisionConfig.check_run`, on every device; the token dim is zero-padded for wgrad) and
+cuBLASLt's row-major x column-major operands (W gets a transposed FP8 copy for dgrad, x and the gradient for wgrad).
 
 Recipes (`--fp8-recipe`) = how the per-tensor scale is chosen, scale = fp8_max / amax / 2**margin:
 - `delayed` (TE's DelayedScaling): the scale comes from the amax *history* (max over it, or the most recent
@@ -129,10 +129,12 @@ class Fp8Meta(nn.Module):
         self.register_buffer("amax_history", torch.zeros(history_len, 3))  # row 0: this step's amax
         self.register_buffer("scale", torch.ones(3))  # (input, weight, grad_output)
 
-    @torch.no_grad()
     def record(self, slot: int, tensor: torch.Tensor) -> None:
-        amax = tensor.detach().abs().amax().float()
-        self.amax_history[0, slot] = torch.maximum(self.amax_history[0, slot], amax)
+        self.record_amax(slot, tensor.detach().abs().amax())
+
+    @torch.no_grad()
+    def record_amax(self, slot: int, amax: torch.Tensor) -> None:
+        self.amax_history[0, slot] = torch.maximum(self.amax_history[0, slot], amax.float())
 
 
 class Fp8Gemm:
@@ -146,10 +148,11 @@ class Fp8Gemm:
     def tensor_scale(self, slot: int, t: torch.Tensor) -> torch.Tensor:
         """Record t's amax (delayed scaling's history) and return its per-tensor scale: the delayed scale in
         `Fp8Meta`, or (tensorwise) the one from t's own amax."""
-        self.meta.record(slot, t)
+        amax = t.detach().abs().amax()
+        self.meta.record_amax(slot, amax)
         if self.recipe.recipe == "delayed":
             return self.meta.scale[slot]
-        return scale_from_amax(t.detach().abs().amax(), self.recipe.dtype(slot), self.recipe.margin)
+        return scale_from_amax(amax, self.recipe.dtype(slot), self.recipe.margin)
 
     def _quantizer(self, slot: int):
         recipe, dtype = self.recipe, self.recipe.dtype(slot)
@@ -169,7 +172,7 @@ class Fp8Gemm:
         x = _fake_quantize(x, self._quantizer(INPUT))
         weight = _fake_quantize(weight, self._quantizer(WEIGHT))
         y = _fake_quantize_grad(F.linear(x, weight), self._quantizer(GRAD_OUTPUT))
-        return y if bias is None else y + bias
+        return y if bias is None else y + bias.to(y.dtype)  # y's dtype (autocast's), as F.linear(x, w, b)
 
 
 class ScaledMmFp8Gemm(Fp8Gemm):
@@ -187,7 +190,7 @@ class ScaledMmFp8Gemm(Fp8Gemm):
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         y = _ScaledMmLinear.apply(x.reshape(-1, x.shape[-1]), weight, self, out_dtype)  # [s*b, out]
         y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return y if bias is None else y + bias
+        return y if bias is None else y + bias.to(y.dtype)  # out_dtype, as F.linear(x, w, b)
 
 
 def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor, a_inv: torch.Tensor, b_inv: torch.Tensor, out_dtype):
@@ -273,19 +276,8 @@ def apply_fp8(model: nn.Module, recipe: Fp8Recipe, num_layers: int, first_last_l
         if first_last_layers_bf16 and layer in (0, num_layers - 1):
             continue
         module.fp8_meta = Fp8Meta(recipe.amax_history_len)
-        if recipe.gemm == "scaled_mm":
-            _check_scaled_mm_shape(name, module.weight.flatten(0, -2).shape)  # [out/tp, in] or [out, in/tp]
-            module.gemm = ScaledMmFp8Gemm(recipe, module.fp8_meta)
-        else:
-            module.gemm = Fp8Gemm(recipe, module.fp8_meta)
+        gemm_class = ScaledMmFp8Gemm if recipe.gemm == "scaled_mm" else Fp8Gemm
+        module.gemm = gemm_class(recipe, module.fp8_meta)
         count += 1
     return count
 
-
-def _check_scaled_mm_shape(name: str, shape: torch.Size) -> None:
-    """`torch._scaled_mm` on GPU needs both dims of W [out, in] (this rank's shard) divisible by 16; the
-    token dim is padded. Checked on every device, so a CPU run catches what a GPU run would refuse."""
-    if shape[0] % 16 or shape[1] % 16:
-        raise ValueError(f"--fp8-gemm scaled_mm needs linear weights [out, in] with both sizes divisible by 16 "
-                         f"(torch._scaled_mm); {name} has {list(shape)} on this rank: change the model's sizes "
-                         f"or use --fp8-gemm emulate")

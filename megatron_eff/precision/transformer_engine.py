@@ -182,10 +182,9 @@ class TEBackend:
             sequence_parallel=self.sequence_parallel, tp_size=self.tp_size, tp_group=self.tp_group,
         )
 
-    @staticmethod
-    def checkpoint(function, *args):
+    def checkpoint(self, function, *args):
         """TE's activation checkpoint, non-reentrant as the local backend's; CPU/CUDA RNG states replayed."""
-        return import_transformer_engine().checkpoint(function, *args, use_reentrant=False)
+        return self.te.checkpoint(function, *args, use_reentrant=False)
 
     def row_linear(self, input_size: int, output_size: int, *, bias: bool, init_std: float) -> nn.Module:
         self._pending_norm = None

@@ -6,10 +6,10 @@
     sparse   local | strided
     fixed    causal blocks of w, plus the last column of every earlier block
 
-The authors pass such a mask to SDPA, which still scores all s x s pairs (`--mst-hsa-impl mask`, kept as
-the reference). `sparse_attention` (`--mst-hsa-impl factorized`, the default) computes only the pattern's
-scores, Sparse Transformer's factorised form in plain PyTorch (autograd does the backward): with positions
-p = j w + c (block j, offset c; s is padded to a multiple of w), local reads key blocks j-1 and j
+The authors pass such a mask to SDPA, which still scores all s x s pairs (`masked_sdpa`, `--mst-hsa-impl
+mask`, kept as the reference). `sparse_attention` (`--mst-hsa-impl factorized`, the default) computes only
+the pattern's scores, Sparse Transformer's factorised form in plain PyTorch (autograd does the backward): with
+positions p = j w + c (block j, offset c; s is padded to a multiple of w), local reads key blocks j-1 and j
 (`[nb, w, 2w]` scores), strided reads the keys of the same residue c (`[nb, w, nb]`), sparse both (the
 strided part without k == q, their only common key), fixed the causal block (`[nb, w, w]`) plus the nb
 block-summary keys. One softmax runs over the concatenated scores, so the result equals the masked SDPA;
@@ -48,6 +48,15 @@ def pattern_density(mask: torch.Tensor) -> float:
     """Allowed (query, key) pairs relative to dense causal attention (s (s + 1) / 2 pairs)."""
     s = mask.shape[-1]
     return float(mask.sum()) / (s * (s + 1) / 2)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """`--mst-hsa-impl mask`: SDPA over all s x s scores with `mask[:s, :s]` (True = attend) as boolean mask.
+    SDPA layout as `sparse_attention`: q `[b, nq, s, d]`, k/v `[b, g, s, d]` -> `[b, nq, s, d]`."""
+    s = q.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:s, :s], dropout_p=dropout_p,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, window: int,

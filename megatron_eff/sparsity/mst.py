@@ -12,8 +12,9 @@ Installed by `training.hooks.build_method_hooks` when `--mst` is given; the mode
 - `after_step`: weights are re-masked (masked weights stay exactly 0); at an update iteration the topology
   changes: drop the smallest |w| among active weights, grow the largest |dense grad| (r/(r+1) of them, the
   rest uniformly at random), grown weights start at 0 with zero AdamW moments;
-- `before_iteration`: Hybrid Sparse Attention switches the attention modules' `attention_mask` (and with
-  `--mst-hsa-impl factorized` their `sparse_attention`) on inside its window (default: the ultra-sparse phase);
+- `before_iteration`: Hybrid Sparse Attention switches the attention modules' `sparse_attention` on inside its
+  window (default: the ultra-sparse phase): the factorized pattern or, with `--mst-hsa-impl mask`, SDPA with
+  the pattern as mask;
 - training FLOPs (dense-equivalent vs actual) are accumulated per iteration and logged.
 
 Global decisions: per layer, n_keep comes from the global shapes (ER or uniform) and the schedule, so every
@@ -41,7 +42,7 @@ from megatron_eff.config import MSTConfig
 from megatron_eff.parallel.data_parallel import DistributedOptimizer
 from megatron_eff.parallel.layers import local_shard
 from megatron_eff.parallel.state import communication_device
-from megatron_eff.sparsity.attention_patterns import attention_pattern, pattern_density, sparse_attention
+from megatron_eff.sparsity.attention_patterns import attention_pattern, masked_sdpa, pattern_density, sparse_attention
 from megatron_eff.training import flops as flops_lib
 from megatron_eff.training.hooks import MethodHooks
 
@@ -269,9 +270,10 @@ class MSTHooks(MethodHooks):
         device = self.weights[0].param.device if self.weights else None
         self.hsa_mask = attention_pattern(cfg.hsa_pattern, seq, window, device)
         self.hsa_density = pattern_density(self.hsa_mask)
-        self.hsa_function = None  # --mst-hsa-impl mask: SDPA applies hsa_mask
         if cfg.hsa_impl == "factorized":
             self.hsa_function = functools.partial(sparse_attention, pattern=cfg.hsa_pattern, window=window)
+        else:  # mask: SDPA over all scores with hsa_mask
+            self.hsa_function = functools.partial(masked_sdpa, mask=self.hsa_mask)
         self.hsa_window = cfg.hsa_iters or (self.schedule.warm_end, self.schedule.ultra_end)
         self.hsa_layers = set(cfg.hsa_layers) if cfg.hsa_layers else set(range(self.model_config.num_layers))
         for chunk in chunks:
@@ -290,7 +292,6 @@ class MSTHooks(MethodHooks):
         on = self.hsa_active(iteration)
         if on != self.hsa_on:
             for module in self.attention_modules:
-                module.attention_mask = self.hsa_mask if on else None
                 module.sparse_attention = self.hsa_function if on else None
             self.hsa_on = on
 

@@ -53,8 +53,8 @@ def log(message: str, enabled: bool = True) -> None:
 
 class TrainingLogger:
     def __init__(self, *, enabled: bool, tensorboard_dir: str | None, train_iters: int, world_size: int,
-                 peak_tflops: float | None):
-        self.enabled, self.train_iters = enabled, train_iters
+                 peak_tflops: float | None, seq_length: int):
+        self.enabled, self.train_iters, self.seq_length = enabled, train_iters, seq_length
         self.world_size, self.peak_tflops = world_size, peak_tflops
         self.writer = None
         if enabled and tensorboard_dir:
@@ -62,10 +62,10 @@ class TrainingLogger:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self._run_iters, self._run_paused = 0, 0.0  # for the ETA: validation/save seconds per iteration
-        self._reset_window()
+        self._reset_window(_now())
 
-    def _reset_window(self) -> None:
-        self._window_start, self._window_paused = _now(), 0.0
+    def _reset_window(self, start: float) -> None:
+        self._window_start, self._window_paused = start, 0.0
         self._window_iters, self._window_tokens, self._window_flops, self._window_skipped = 0, 0, 0.0, 0
         self._losses: list[float] = []
 
@@ -90,11 +90,13 @@ class TrainingLogger:
             self._window_paused += seconds
             self._run_paused += seconds
 
-    def flush(self, state: TrainState, consumed_tokens: int, lr: float, grad_norm: float,
-              loss_scale: float | None = None, extra: dict[str, float] | None = None) -> dict[str, float]:
+    def flush(self, state: TrainState, lr: float, grad_norm: float, loss_scale: float | None = None,
+              extra: dict[str, float] | None = None) -> dict[str, float]:
         """Print one line for the window since the last flush and write the scalars; returns them.
         `loss_scale`: the FP16 loss scaler's scale (None without --fp16)."""
-        elapsed = max(_now() - self._window_start - self._window_paused, 1e-9)  # training time only
+        now = _now()  # the end of this window and the start of the next
+        elapsed = max(now - self._window_start - self._window_paused, 1e-9)  # training time only
+        consumed_tokens = state.consumed_train_samples * self.seq_length
         iters, iteration = max(self._window_iters, 1), state.iteration
         scalars = {
             "loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
@@ -117,7 +119,7 @@ class TrainingLogger:
         log(self._line(iteration, scalars, extra or {}, eta), self.enabled)
         self.scalars(iteration, {f"train/{k}": v for k, v in scalars.items()})
         self.scalars(consumed_tokens, {"train/loss_vs_tokens": scalars["loss"], "train/lr_vs_tokens": lr})
-        self._reset_window()
+        self._reset_window(now)
         return scalars
 
     def _line(self, iteration: int, scalars: dict[str, float], extra: dict[str, float], eta: float) -> str:

@@ -206,8 +206,9 @@ def evaluate(model, dataset, config: Config, pstate: ParallelState, autocast) ->
     for chunk in model_chunks(model):
         chunk.eval()
     m = config.train.num_micro_batches(pstate.dp_size)
-    batches = micro_batches(dataset, 0, config.train.micro_batch_size, pstate.dp_rank, pstate.dp_size,
-                            config.data.num_workers)
+    # In this process (no --num-workers): each validation reads a few batches from the start, and worker
+    # processes forked afresh every time would cost more than they save.
+    batches = micro_batches(dataset, 0, config.train.micro_batch_size, pstate.dp_rank, pstate.dp_size)
     losses = []
     for _ in range(config.train.eval_iters):
         losses += run_schedule(model, batches, m, config, pstate, autocast, forward_only=True)
@@ -309,6 +310,7 @@ def setup_run(config: Config) -> Run:
     logger = TrainingLogger(
         enabled=is_logger, tensorboard_dir=config.logging.tensorboard_dir, train_iters=config.train.train_iters,
         world_size=pstate.world_size, peak_tflops=config.logging.peak_tflops or guess_peak_tflops(device),
+        seq_length=config.model.seq_length,
     )
     autocast = precision.wrap_autocast(autocast_context(config, device))
     return Run(config, pstate, model, named_params, optimizer, grad_sync, hooks, precision, autocast, state,
@@ -382,8 +384,8 @@ def pretrain(config: Config) -> RunResult:
         result_log.losses.append(result.loss)
         run.logger.record(result.loss, tokens_per_iter, flops_per_iter, skipped=result.skipped)
         if state.iteration % train.log_interval == 0:
-            run.logger.flush(state, state.consumed_train_samples * config.model.seq_length, lr, result.grad_norm,
-                             loss_scale=run.precision.fp16_loss_scale, extra=run.hooks.log_scalars())
+            run.logger.flush(state, lr, result.grad_norm, loss_scale=run.precision.fp16_loss_scale,
+                             extra=run.hooks.log_scalars())
         if run.valid_ds is not None and train.eval_iters and state.iteration % train.eval_interval == 0:
             _validate(run, result_log)
         saved_last = bool(config.checkpoint.save_interval) and state.iteration % config.checkpoint.save_interval == 0

@@ -10,6 +10,7 @@
 import sys
 
 from megatron_eff.arguments import config_from_args, parse_args
+from megatron_eff.parallel.state import shutdown_distributed
 from megatron_eff.training.loop import pretrain
 
 
@@ -32,7 +33,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2
-    pretrain(config)
+    try:
+        pretrain(config)
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -1,6 +1,16 @@
 """Helpers for multi-process tests: run `tests/dist/run_layout.py` under torchrun (gloo on a CPU machine; NCCL
 where CUDA is available, see `parallel/state.init_distributed`) and as a single-process reference, and compare
-losses and parameters."""
+losses and parameters.
+
+Why the parity runs are float64 (`PARITY_DTYPE`, default float64): a parallel layout sums the same numbers in
+another order (TP all-reduces, DP bucket averages, pipeline-split backward). In float32 that moves a result by
+~1e-7 relative, and training amplifies it: AdamW's first steps on a weight are ~lr * g / |g|, so a gradient
+that nearly cancels (|g| near the rounding noise) can move by up to ~lr per step, and a discontinuous decision
+(an FP8 rounding bucket, MST's top-k near-ties) can flip. How far that goes depends on the CPU's kernels, so a
+float32 tolerance is a fact about one machine. In float64 the same reordering moves values by ~1e-16 relative:
+even a gradient that cancels to 1e-9 of its terms keeps ~1e-7 relative accuracy, so AdamW's update differs by
+< 1e-9 lr and a bucket or tie flips with negligible probability. The 1e-5 tolerances below are then ~1e5 times
+the worst rounding effect, and a difference above them is a bug in the parallel logic, not rounding."""
 
 from __future__ import annotations
 
@@ -42,10 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(out: Path, flags: list[str], nproc: int = 1, timeout: int = 300, torchrun: bool = False) -> dict:
-    """Train under `flags` with `nproc` processes (one process runs without torchrun unless `torchrun`);
-    returns {"losses", "params"}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def run_layout(out: Path, flags: list[str], nproc: int = 1, timeout: int = 300, torchrun: bool = False,
+               dtype: str = "float64") -> dict:
+    """Train under `flags` with `nproc` processes (one process runs without torchrun unless `torchrun`) in
+    `dtype` (float64 by default, see the module docstring); returns {"losses", "params", ...}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PARITY_DTYPE": dtype}
     if nproc == 1 and not torchrun:
         cmd = [sys.executable, str(HARNESS), str(out), "--", *flags]
     else:

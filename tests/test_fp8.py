@@ -18,7 +18,7 @@ from megatron_eff.precision.fp8 import (
     update_fp8_meta,
 )
 from megatron_eff.precision.numerics import train_synthetic
-from tests.dist_utils import TINY_FLAGS, run_layout
+from tests.dist_utils import TINY_FLAGS, assert_same_run, run_layout
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -218,9 +218,9 @@ def test_scaled_mm_weight_sizes_not_divisible_by_16_fail_with_the_flags(sizes, s
 @pytest.mark.slow
 def test_fp8_emulation_tp2_matches_single_process(tmp_path):
     flags = [*TINY_FLAGS, "--fp8-format", "hybrid", "--train-iters", "4"]
+    # Delayed scaling MAX-reduces the amaxes over TP, so both layouts quantise with the same scales; in float64
+    # (tests/dist_utils.py) their inputs differ by ~1e-16 relative, too little to move a value across an FP8
+    # rounding boundary (spacing 2^-3 relative for E4M3) except with negligible probability: same run to 1e-5.
     reference = run_layout(tmp_path / "ref.pt", flags)
     tp2 = run_layout(tmp_path / "tp2.pt", [*flags, "--tensor-model-parallel-size", "2"], nproc=2)
-    for a, b in zip(tp2["losses"], reference["losses"]):
-        assert abs(a - b) <= 1e-4 * abs(b)
-    for name, ref in reference["params"].items():
-        assert (tp2["params"][name] - ref).abs().max().item() <= 1e-3, name
+    assert_same_run(tp2, reference)

@@ -10,14 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_eff.dtypes import upcast
 from megatron_eff.parallel.state import group_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group):
-        # logits [..., v/tp] (float32), target [...] global ids
-        logits = logits.float()
+        # logits [..., v/tp] (float32, or float64 for a float64 model), target [...] global ids
+        logits = upcast(logits)
         max_logit = logits.max(dim=-1).values
         dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
         logits = logits - max_logit.unsqueeze(-1)
@@ -51,5 +52,5 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Per-token loss `[...]` from vocab-sharded logits `[..., v/tp]` and global target ids `[...]`."""
     if group_size(tp_group) == 1:
-        return F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+        return F.cross_entropy(upcast(logits).flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group)

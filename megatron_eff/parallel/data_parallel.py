@@ -6,12 +6,13 @@ distributed optimizer (ZeRO-1) that owns one shard of every bucket.
                      ... any schedule runs forward/backward over the micro-batches ...
                      grad_sync.finish()                   # wait for / run every reduction
 
-Bucket layout: every trainable parameter's `.grad` is a view into one flat FP32 buffer. Parameters are
-laid out in *reverse* registration order (roughly the order backward produces them) and cut into buckets
-of at least `bucket_size` elements (a parameter is never split), each padded to a multiple of the
-data-parallel size. Parameters whose gradient also needs a model-parallel reduction first (sequence-
-parallel norm weights and row-parallel biases over TP, the tied embedding copies over the first/last
-pipeline stage) go into one last, *deferred* bucket reduced in `finish()` after those reductions.
+Bucket layout: every trainable parameter's `.grad` is a view into one flat buffer in the parameters' dtype
+(FP32: they are the master weights). Parameters are laid out in *reverse* registration order (roughly the
+order backward produces them) and cut into buckets of at least `bucket_size` elements (a parameter is never
+split), each padded to a multiple of the data-parallel size. Parameters whose gradient also needs a
+model-parallel reduction first (sequence-parallel norm weights and row-parallel biases over TP, the tied
+embedding copies over the first/last pipeline stage) go into one last, *deferred* bucket reduced in
+`finish()` after those reductions.
 
 Overlap: a post-accumulate-grad hook counts how many micro-batches each parameter has seen; when every
 parameter of a bucket has its final gradient of the iteration (the `num_micro_batches`-th backward), the
@@ -146,12 +147,12 @@ class GradSync:
         self.overlap_param_gather = overlap_param_gather and shard and self.dp_size > 1
         self.buckets, self.offsets, total = _plan_buckets(self.params, pstate, bucket_size)
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
-        device = self.params[0].device
-        self.grad_buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        device, dtype = self.params[0].device, self.params[0].dtype  # FP32 master weights: FP32 main grads
+        self.grad_buffer = torch.zeros(total, dtype=dtype, device=device)
         self.grad_views = {p: self._view(self.grad_buffer, p) for p in self.params}
         self.param_buffer = None
         if shard:  # parameters become views into one flat buffer, gathered after each step
-            self.param_buffer = torch.zeros(total, dtype=torch.float32, device=device)
+            self.param_buffer = torch.zeros(total, dtype=dtype, device=device)
             for p in self.params:
                 view = self._view(self.param_buffer, p)
                 view.copy_(p.detach())
@@ -217,7 +218,7 @@ class GradSync:
                 self._model_parallel_reductions(bucket)
             self._launch(bucket)
         for bucket in self.buckets:
-            handle, scratch = bucket.work[0]
+            (handle, scratch), bucket.work = bucket.work[0], []  # no finished Work outlives its wait
             if handle is None:
                 continue
             handle.wait()

@@ -35,8 +35,8 @@ rendezvous semantics to show it cannot deadlock (a batch before every single int
 Activations use tag 0, gradients tag 1, so the two streams between a pair of ranks never mix (P = 2
 interleaved sends both ways). Every rank can compute the shape of what it receives: `[s, b, h]`
 (`[s/tp, b, h]` with sequence parallel, each TP rank sending its own shard to the same TP rank of the next
-stage) in float32 — the residual stream stays float32 under BF16/FP16 autocast (parameters are FP32
-master weights), so the sender casts to float32 (a no-op in practice) and the receiver allocates float32.
+stage) in the parameters' dtype — the residual stream stays float32 under BF16/FP16 autocast (parameters are
+FP32 master weights), so the sender casts to it (a no-op in practice) and the receiver allocates it.
 A rank keeps the received input and the output of each micro-batch from its forward to its backward
 only, so 1F1B holds at most `P - r` of them.
 
@@ -53,6 +53,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from megatron_eff.dtypes import upcast
 
 ACTIVATION_TAG, GRADIENT_TAG = 0, 1
 Action = tuple[str, int, int]  # ('F' | 'B', model chunk, micro-batch)
@@ -137,10 +139,10 @@ def send_spec(action: Action, pp: int, rank: int, num_chunks: int) -> tuple[int,
 
 
 def _exchange(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[int, int] | None], shape, pstate,
-              device: torch.device) -> list[torch.Tensor | None]:
+              device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
     """Post `sends` [(tensor, pp rank, tag)] and `recvs` [(pp rank, tag) or None] in one batch, activations
     before gradients (so a pair of ranks issues them in the same order on both sides); wait for all."""
-    buffers = [None if r is None else torch.empty(shape, dtype=torch.float32, device=device) for r in recvs]
+    buffers = [None if r is None else torch.empty(shape, dtype=dtype, device=device) for r in recvs]
     ops = [(tag, dist.P2POp(dist.isend, t, pstate.pp_ranks[peer], pstate.pp_group, tag)) for t, peer, tag in sends]
     ops += [(r[1], dist.P2POp(dist.irecv, buf, pstate.pp_ranks[r[0]], pstate.pp_group, r[1]))
             for r, buf in zip(recvs, buffers) if r is not None]
@@ -177,7 +179,8 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
     """Execute one rank's steps; before each step one batch sends what the previous step produced and
     receives what this step needs (see the module docstring)."""
     pp, rank, num_chunks = pstate.pp_size, pstate.pp_rank, len(model_chunks)
-    device = next(model_chunks[0].parameters()).device
+    first_param = next(model_chunks[0].parameters())
+    device, wire_dtype = first_param.device, first_param.dtype
     data = _MicroBatches(micro_batches, device)
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}  # (chunk, micro) -> received activation
     outputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> output awaiting its backward
@@ -185,12 +188,12 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
     sends: list[tuple[torch.Tensor, int, int]] = []
     for step in steps:
         recvs = [recv_spec(action, pp, rank, num_chunks) for action in step]
-        received = _exchange(sends, recvs, tensor_shape, pstate, device)
+        received = _exchange(sends, recvs, tensor_shape, pstate, device, wire_dtype)
         sends = []
         for action, tensor in zip(step, received):
             kind, chunk, k = action
             if kind == "F":
-                out = _forward_step(model_chunks[chunk], data.get(k), tensor, forward_only, autocast)
+                out = _forward_step(model_chunks[chunk], data.get(k), tensor, forward_only, autocast, wire_dtype)
                 if model_chunks[chunk].post_process:
                     losses[k] = out.detach()
                     out = out * (loss_scale / num_micro_batches)
@@ -205,18 +208,18 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
             target = send_spec(action, pp, rank, num_chunks)
             if target is not None:
                 sends.append((out.detach(), *target))
-    _exchange(sends, [], tensor_shape, pstate, device)
+    _exchange(sends, [], tensor_shape, pstate, device, wire_dtype)
     return [losses[k] for k in sorted(losses)]
 
 
-def _forward_step(model, batch, input_tensor, forward_only: bool, autocast) -> torch.Tensor:
-    """The mean loss (last chunk) or the float32 hidden `[s, b, h]` to send on."""
+def _forward_step(model, batch, input_tensor, forward_only: bool, autocast, wire_dtype) -> torch.Tensor:
+    """The mean loss (last chunk) or the hidden `[s, b, h]` in `wire_dtype` to send on."""
     if input_tensor is not None and not forward_only:
         input_tensor.requires_grad_(True)
     with autocast():
         out = model(tokens=batch["tokens"] if model.pre_process else None,
                     labels=batch["labels"] if model.post_process else None, input_tensor=input_tensor)
-    return out.float().mean() if model.post_process else out.float()  # float(): the wire dtype, a no-op here
+    return upcast(out).mean() if model.post_process else out.to(wire_dtype)  # a no-op in practice
 
 
 def _chunks(model) -> list[torch.nn.Module]:
@@ -242,7 +245,7 @@ def forward_backward_no_pipelining(
         batch = batch_to_device(batch, device)
         with autocast():
             token_loss = model(tokens=batch["tokens"], labels=batch["labels"])  # [b, s]
-        loss = token_loss.float().mean()
+        loss = upcast(token_loss).mean()
         if not forward_only:
             (loss * (loss_scale / num_micro_batches)).backward()
         losses.append(loss.detach())

@@ -107,6 +107,16 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend=backend)
 
 
+def shutdown_distributed() -> None:
+    """Destroy every process group (a no-op without one). Called at the end of a run, while the interpreter is
+    fully alive: gloo's worker threads are joined here instead of during interpreter teardown, where a thread
+    still releasing a finished collective's tensors could abort the process ("terminate called without an
+    active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def communication_device() -> torch.device:
     """Where tensors made for a collective live: this rank's CUDA device under NCCL (which rejects CPU
     tensors; `init_distributed` set it from LOCAL_RANK), else the CPU (gloo, or no process group)."""

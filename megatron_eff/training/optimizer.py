@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eff.config import OptimizerConfig
+from megatron_eff.dtypes import upcast
 from megatron_eff.parallel.data_parallel import DistributedOptimizer, GradSync
 from megatron_eff.parallel.state import communication_device
 
@@ -56,7 +57,7 @@ def global_grad_norm(params, norm_group=None, is_owner=None) -> float:
     """
     grads = [p.grad for p in params if p.grad is not None and (is_owner is None or is_owner(p))]
     if grads:
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) ** 2
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(upcast(g)) for g in grads])) ** 2
     else:
         total = torch.zeros((), device=communication_device())
     if norm_group is not None and dist.get_world_size(norm_group) > 1:

@@ -3,6 +3,8 @@
     torchrun --nproc_per_node 4 tests/dist/run_layout.py OUT.pt -- --tensor-model-parallel-size 2 ...
     python tests/dist/run_layout.py OUT.pt -- ...        (single-process reference)
 
+The model is built in float64 unless PARITY_DTYPE=float32 (see `tests/dist_utils.py` for why).
+
 Writes `OUT.pt` (from global rank 0) = {"losses": [...], "params": {global_name: full fp32 tensor},
 "optimizer_numel": [per rank]}: the per-iteration losses, every parameter reassembled across TP shards and
 PP stages, and how many optimizer-state elements each rank holds; plus "tied_copies" = {"output_layer.weight":
@@ -12,6 +14,7 @@ boolean `weight_mask`} when a method (MST) installed masks.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_eff.arguments import config_from_args, parse_args  # noqa: E402
+from megatron_eff.parallel.state import shutdown_distributed  # noqa: E402
 from megatron_eff.training import loop  # noqa: E402
 
 
@@ -53,6 +57,7 @@ def optimizer_state_numel(optimizer) -> int:
 
 def main() -> None:
     out, flags = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+    torch.set_default_dtype(getattr(torch, os.environ.get("PARITY_DTYPE", "float64")))
     captured = {}
     real_pretrain_models = loop.build_model
 
@@ -93,9 +98,7 @@ def main() -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
                     "tied_copies": tied_copies, "masks": masks}, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ import importlib.util
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from megatron_eff.data.indexed_dataset import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+NULL_TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
 
 
 def load_tool(name: str):
@@ -46,8 +50,15 @@ def run_main(tool, argv, capsys) -> tuple[int, str]:
     return status, err.splitlines()[-1] if err else ""
 
 
+def write_jsonl(path: Path, num_docs: int, text: str = "1 2 3 4 5", title: str = "6 7") -> Path:
+    """``num_docs`` identical lines with a ``text`` and a ``title`` key (NullTokenizer ids)."""
+    path.write_text((json.dumps({"text": text, "title": title}) + "\n") * num_docs)
+    return path
 
 
+@pytest.fixture(scope="module")
+def preprocess():
+    return load_tool("preprocess_data")
 
 
 @pytest.fixture
@@ -96,10 +107,65 @@ def full_disk_open(fail_on: str, room: int):
     return fake_open
 
 
+@pytest.mark.parametrize(
+    "fail_on, room",
+    [
+        ("k_text_document.bin", 1000),  # while streaming tokens (36 KB of them: the buffer flushes mid-run)
+        ("k_text_document.idx", 0),  # the first key's index
+        ("k_text_document.stats.json", 0),  # its sidecar
+        ("k_title_document.idx", 0),  # the second key's index, once the first key is in place
+    ],
+)
+def test_full_disk_leaves_nothing_and_names_the_folder(preprocess, tmp_path, capsys, monkeypatch, fail_on, room):
+    source = write_jsonl(tmp_path / "in.jsonl", 3000)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(indexed_dataset, "open", full_disk_open(fail_on, room), raising=False)
+    status, line = run_main(
+        preprocess,
+        ["--input", source, "--output-prefix", out / "k", "--json-keys", "text", "title", *NULL_TOKENIZER],
+        capsys,
+    )
+    assert status == 2
+    assert line.startswith("preprocess_data.py: error: no space left on device") and str(out) in line
+    assert os.listdir(out) == []  # no output, no hidden temp file
 
 
+def test_interrupt_leaves_nothing(preprocess, tmp_path, monkeypatch):
+    source = write_jsonl(tmp_path / "in.jsonl", 3000)
+    out = tmp_path / "out"
+    out.mkdir()
+    read_documents = preprocess.read_documents
+
+    def interrupted(*args):
+        for i, doc in enumerate(read_documents(*args)):
+            if i == 2000:
+                raise KeyboardInterrupt
+            yield doc
+
+    monkeypatch.setattr(preprocess, "read_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess.main(["--input", str(source), "--output-prefix", str(out / "k"), *NULL_TOKENIZER])
+    assert os.listdir(out) == []
 
 
+def test_worker_error_leaves_nothing(preprocess, tmp_path, monkeypatch):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "1 2"}\n' * 500 + '{"text": "3 crash"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    encode = preprocess.Encoder.encode
+
+    def crashing(self, doc):
+        if b"crash" in doc.data:
+            raise RuntimeError("tokenizer crashed")
+        return encode(self, doc)
+
+    monkeypatch.setattr(preprocess.Encoder, "encode", crashing)  # forked workers inherit it
+    with pytest.raises(RuntimeError, match="tokenizer crashed"):
+        preprocess.main(["--input", str(source), "--output-prefix", str(out / "k"), "--workers", "2",
+                         *NULL_TOKENIZER])
+    assert os.listdir(out) == []
 
 
 def test_builder_abort_survives_a_full_disk(tmp_path, monkeypatch):
@@ -121,6 +187,17 @@ def mode(path) -> int:
     return os.stat(path).st_mode & 0o777
 
 
+@pytest.mark.parametrize("umask, file_mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_preprocessed_files_follow_umask(preprocess, tmp_path, capsys, set_umask, umask, file_mode):
+    set_umask(umask)
+    source = write_jsonl(tmp_path / "in.jsonl", 3)
+    status, _ = run_main(preprocess, ["--input", source, "--output-prefix", tmp_path / "new" / "k",
+                                      *NULL_TOKENIZER], capsys)
+    assert status == 0
+    prefix = tmp_path / "new" / "k_text_document"
+    for path in (f"{prefix}.bin", f"{prefix}.idx", stats_file_path(str(prefix))):
+        assert mode(path) == file_mode, path
+    assert mode(tmp_path / "new") == 0o777 & ~umask
 
 
 def test_hf_folder_and_tokenizer_files_follow_umask(tmp_path, capsys, set_umask):
@@ -150,6 +227,129 @@ def train_tiny_sentencepiece(prefix: Path, capsys) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 3. No documents: refused, nothing written
+# ----------------------------------------------------------------------------------------------------------
+
+NO_DOCUMENTS = {
+    "empty": ("in.jsonl", b"", []),
+    "blank_lines": ("in.jsonl", b"\n  \n\r\n", []),
+    "blank_txt": ("in.txt", b"\n\n   \n", []),
+    "all_skipped": ("in.jsonl", b'{"body": "1"}\n[1, 2]\n', ["--skip-bad-lines"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_DOCUMENTS))
+def test_no_documents_is_refused(preprocess, tmp_path, capsys, case):
+    name, data, extra = NO_DOCUMENTS[case]
+    (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    status, line = run_main(preprocess, ["--input", tmp_path / name, "--output-prefix", out / "k",
+                                         *NULL_TOKENIZER, *extra], capsys)
+    assert status == 2
+    assert line.startswith(f"preprocess_data.py: error: no documents in --input {tmp_path / name}")
+    assert os.listdir(out) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. kill -9 of the preprocessing parent takes its workers along
+# ----------------------------------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and process_state(int(entry)) not in (None, "Z"):
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, Z, ...), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_parent_takes_its_workers_along(tmp_path):
+    line = json.dumps({"text": " ".join(map(str, range(60)))}) + "\n"
+    (tmp_path / "big.jsonl").write_text(line * 100_000)  # 19 MB: each worker's 50k-document chunk takes seconds
+    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "big.jsonl"),
+           "--output-prefix", str(tmp_path / "big"), *NULL_TOKENIZER, "--workers", "2", "--chunk-size", "50000"]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(workers := children_of(parent.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert len(workers) == 2, "the pool did not start"
+        time.sleep(1.0)  # both workers busy with their chunk
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 3
+    while any(process_state(pid) not in (None, "Z") for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if process_state(pid) not in (None, "Z")]
+    for pid in left:  # do not leak them into the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"workers {left} outlived their parent by 3 s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5, 10. Messages of bad JSON lines and bad files
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, reason", [('{"text": "a\x01b"}', "Invalid control character at column 12"),
+                                          ('{"text": "ab', "Unterminated string starting at column 10")])
+def test_malformed_json_message(preprocess, text, reason):
+    encoder = preprocess.Encoder({}, ["text"], False)
+    _, error = encoder._parse(preprocess.RawDocument("x.jsonl", 1, text.encode(), True), text)
+    assert error == f"malformed JSON ({reason})"
+
+
+def test_unreadable_input_and_output_folder(preprocess, tmp_path, capsys, monkeypatch):
+    source = write_jsonl(tmp_path / "in.jsonl", 2)
+    (tmp_path / "a_file").write_text("")
+    status, line = run_main(preprocess, ["--input", source, "--output-prefix", tmp_path / "a_file" / "k",
+                                         *NULL_TOKENIZER], capsys)
+    assert status == 2 and line.startswith(f"preprocess_data.py: error: --output-prefix {tmp_path / 'a_file'}")
+
+    def unreadable(path, *args, **kwargs):  # chmod 000 does not stop root, so refuse here
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(preprocess, "open", unreadable, raising=False)
+    status, line = run_main(preprocess, ["--input", source, "--output-prefix", tmp_path / "k", *NULL_TOKENIZER],
+                            capsys)
+    assert status == 2 and line == f"preprocess_data.py: error: --input {source}: cannot read (Permission denied)"
+
+    train_tokenizer = load_tool("train_tokenizer")
+    monkeypatch.setattr(train_tokenizer, "open", unreadable, raising=False)
+    status, line = run_main(train_tokenizer, ["--input", source, "--model-prefix", tmp_path / "t",
+                                              "--vocab-size", 300], capsys)
+    assert status == 2 and line.startswith("train_tokenizer.py: error:") and str(source) in line
+
+
+def test_existing_clean_errors_stay(preprocess, tmp_path, capsys):
+    (tmp_path / "dir.jsonl").mkdir()
+    status, line = run_main(preprocess, ["--input", tmp_path / "dir.jsonl", "--output-prefix", tmp_path / "k",
+                                         *NULL_TOKENIZER], capsys)
+    assert status == 1 and line == f"error: --input {tmp_path / 'dir.jsonl'}: file not found"
+    (tmp_path / "list.jsonl").write_text('{"text": "1"}\n[1, 2]\n')
+    status, line = run_main(preprocess, ["--input", tmp_path / "list.jsonl", "--output-prefix", tmp_path / "k",
+                                         *NULL_TOKENIZER], capsys)
+    assert status == 1 and line == f"error: {tmp_path / 'list.jsonl'}:2: expected a JSON object, got list"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 9. The largest token id of a dataset
 # ----------------------------------------------------------------------------------------------------------
 
@@ -163,6 +363,18 @@ def build_dataset(prefix: Path, documents) -> str:
     return str(prefix)
 
 
+def test_preprocessing_writes_the_sidecar_and_leaves_the_pair_unchanged(preprocess, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "3 41 7"}\n{"text": "12"}\n')
+    status, _ = run_main(preprocess, ["--input", source, "--output-prefix", tmp_path / "p", *NULL_TOKENIZER],
+                         capsys)
+    assert status == 0
+    prefix = str(tmp_path / "p_text_document")
+    assert json.loads(Path(stats_file_path(prefix)).read_text())["max_token_id"] == 41
+    assert max_token_id(prefix) == 41
+    reference = build_dataset(tmp_path / "ref", [[3, 41, 7], [12]])  # the pair is the Megatron format, unchanged
+    for suffix in (".bin", ".idx"):
+        assert Path(prefix + suffix).read_bytes() == Path(reference + suffix).read_bytes()
 
 
 def test_max_token_id_scans_without_a_sidecar_and_saves_one(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from megatron_eff.data.indexed_dataset import (
     max_token_id,
     stats_file_path,
 )
+from megatron_eff.data.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NULL_TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
@@ -347,6 +348,60 @@ def test_existing_clean_errors_stay(preprocess, tmp_path, capsys):
     status, line = run_main(preprocess, ["--input", tmp_path / "list.jsonl", "--output-prefix", tmp_path / "k",
                                          *NULL_TOKENIZER], capsys)
     assert status == 1 and line == f"error: {tmp_path / 'list.jsonl'}:2: expected a JSON object, got list"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6, 7, 8. generate.py / evaluate.py flags and files; tokenizer files that are not models
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny LLaMA checkpoint over a NullTokenizer vocabulary of 201 (ids 0..199, eod 200)."""
+    from megatron_eff.config import ModelConfig
+    from tests.hf_utils import LLAMA, random_model, save_ours
+
+    root = tmp_path_factory.mktemp("faults") / "ckpt"
+    save_ours(random_model(ModelConfig(**{**LLAMA, "vocab_size": 201})), root)
+    return root
+
+
+
+
+
+
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    """A text file and a truncated sentencepiece model, both given as --tokenizer-model."""
+    root = tmp_path_factory.mktemp("bad_models")
+    (root / "notes.txt").write_text("not a model\n")
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 5), model_prefix=str(root / "ok"),
+        vocab_size=30, minloglevel=2)
+    data = (root / "ok.model").read_bytes()
+    (root / "truncated.model").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "truncated.model"])
+def test_tokenizer_file_that_is_not_a_model(bad_models, checkpoint, tmp_path, capsys, name):
+    path = bad_models / name
+    with pytest.raises(ValueError, match=f"--tokenizer-model {path}: not a SentencePieceTokenizer file"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(path))
+    with pytest.raises(ValueError, match=f"--tokenizer-model {path}: not a HuggingFaceTokenizer file"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(path))
+    tokenizer = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", path]
+    source = write_jsonl(tmp_path / "in.jsonl", 2)
+    status, line = run_main(load_tool("preprocess_data"),
+                            ["--input", source, "--output-prefix", tmp_path / "k", *tokenizer], capsys)
+    assert status == 1 and line.startswith(f"error: --tokenizer-model {path}: not a SentencePieceTokenizer file")
+    status, line = run_main(load_tool("generate"), ["--load", checkpoint, "--device", "cpu", *tokenizer], capsys)
+    assert status == 2
+    assert line.startswith(f"generate.py: error: --tokenizer-model {path}: not a SentencePieceTokenizer file")
 
 
 # ----------------------------------------------------------------------------------------------------------

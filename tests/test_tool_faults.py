@@ -366,10 +366,30 @@ def checkpoint(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("flag, value, shown", [("--temperature", "-0.5", "-0.5"), ("--top-k", "-1", "-1"),
+                                                ("--top-p", "0", "0.0"), ("--top-p", "1.5", "1.5"),
+                                                ("--max-new-tokens", "0", "0"), ("--max-new-tokens", "-3", "-3")])
+def test_generate_rejects_sampling_flags(tmp_path, capsys, flag, value, shown):
+    status, line = run_main(load_tool("generate"), ["--load", tmp_path / "unused", flag, value], capsys)
+    assert status == 2 and line.startswith(f"generate.py: error: {flag} {shown}: must be")
 
 
+def test_generate_edges_stay_valid_and_bad_prompt_is_one_line(checkpoint, capsys):
+    generate = load_tool("generate")
+    edges = ["--temperature", 0, "--top-k", 0, "--top-p", 1, "--max-new-tokens", 1, "--device", "cpu"]
+    assert generate.main([str(a) for a in ["--load", checkpoint, "--prompt", "1 2", *edges]]) == 0
+    assert len(capsys.readouterr().out.split()) == 3
+    status, line = run_main(generate, ["--load", checkpoint, "--prompt", "1 two", "--device", "cpu"], capsys)
+    assert status == 2 and line.startswith("generate.py: error: --prompt '1 two': NullTokenizer expects")
 
 
+def test_evaluate_names_a_non_utf8_text_file(checkpoint, tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(b"1 2 3\n4 caf\xe9 5\n")
+    status, line = run_main(load_tool("evaluate"), ["--load", checkpoint, "--text-file", text], capsys)
+    assert status == 2
+    assert line == f"evaluate.py: error: --text-file {text}: not valid UTF-8 at byte 11 (line 2: invalid " \
+        "continuation byte)"  # 6 bytes of line 1, then "4 caf"
 
 
 @pytest.fixture(scope="module")

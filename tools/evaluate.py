@@ -95,6 +95,20 @@ def build_config(args: argparse.Namespace, meta: dict) -> Config:
     )
 
 
+def read_text_file(path: str) -> str:
+    """The text of `--text-file`; ValueError naming the file (and where) if it cannot be read or is not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"--text-file {path}: cannot read ({error.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"--text-file {path}: not valid UTF-8 at byte {error.start} (line {line}: "
+                         f"{error.reason})") from None
+
+
 def build_windows(args: argparse.Namespace, meta: dict, config: Config):
     from megatron_eff.data.builders import parse_data_path
     from megatron_eff.data.tokenizer import checkpoint_tokenizer
@@ -108,7 +122,7 @@ def build_windows(args: argparse.Namespace, meta: dict, config: Config):
     tokenizer = checkpoint_tokenizer(vars(args), run_data, config.model.vocab_size)
     if not Path(args.text_file).is_file():
         raise FileNotFoundError(f"--text-file {args.text_file}: file not found")
-    ids = tokenizer.tokenize(Path(args.text_file).read_text(encoding="utf-8"))
+    ids = tokenizer.tokenize(read_text_file(args.text_file))
     if ids and max(ids) >= config.model.vocab_size:
         raise ValueError(f"--tokenizer-type {type(tokenizer).__name__}: id {max(ids)} is outside the model's "
                          f"vocabulary ({config.model.vocab_size}); is it the tokenizer the model was trained with?")

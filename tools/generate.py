@@ -50,6 +50,36 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Reject sampling flags that have no meaning, naming the flag (`--temperature 0` is greedy, `--top-k 0` off)."""
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature {args.temperature}: must be at least 0 (0 is greedy)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k}: must be at least 0 (0 keeps every token)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+
+
+def prompt_ids(tokenizer, text: str, vocab_size: int) -> list[int]:
+    """Token ids of `--prompt`, or the bos id (else eod) to start from for an empty prompt; ValueError naming the
+    flag when the text does not tokenize or gives an id outside the model's `vocab_size`."""
+    if not text:
+        start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
+        if start is None:
+            raise ValueError("--prompt is empty and the tokenizer has no bos or eod token to start from")
+        return [start]
+    try:
+        ids = tokenizer.tokenize(text)
+    except ValueError as error:
+        raise ValueError(f"--prompt {text!r}: {error}") from None
+    if ids and max(ids) >= vocab_size:
+        raise ValueError(f"--prompt {text!r}: id {max(ids)} is outside the model's vocabulary ({vocab_size}); is it "
+                         "the tokenizer the model was trained with?")
+    return ids
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (run dir or iter_N)")
@@ -68,14 +98,14 @@ def main(argv=None) -> int:
                         help="cpu, cuda or cuda:N (default: cuda if available and MEGATRON_EFF_DEVICE is not cpu)")
     args = parser.parse_args(argv)
     try:
+        check_sampling_flags(args)
         model = load_model(args.load, parse_device(args.device))
         run_data = read_meta(args.load)[1]["config"].get("data", {})
         tokenizer = checkpoint_tokenizer(vars(args), run_data, model.config.vocab_size)
+        prompt = prompt_ids(tokenizer, args.prompt, model.config.vocab_size)
     except (ValueError, FileNotFoundError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
-    start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
-    prompt = tokenizer.tokenize(args.prompt) if args.prompt else [start]
     new = generate(model, prompt, args.max_new_tokens, tokenizer.vocab_size, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eod=tokenizer.eod, seed=args.seed,
                    use_cache=not args.no_kv_cache)

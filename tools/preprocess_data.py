@@ -4,7 +4,9 @@
         --output-prefix data/shakespeare --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model data/tokenizer.model --append-eod --workers 4
 
-writes ``data/shakespeare_text_document.bin`` and ``.idx`` (one output pair per ``--json-keys`` key).
+writes ``data/shakespeare_text_document.bin`` and ``.idx`` (one output pair per ``--json-keys`` key), and
+beside them ``data/shakespeare_text_document.stats.json``, the largest token id (read by
+``megatron_eff.data.indexed_dataset.max_token_id``; not part of the Megatron format).
 
 Inputs (``--input`` takes several files and glob patterns, read in the order given):
 
@@ -20,16 +22,22 @@ Each document becomes one sequence (``tokenize(text)`` plus the eod id with ``--
 dtype is uint16 when the vocabulary has fewer than 65,500 ids, else int32. A malformed JSON line, a missing
 key or non-UTF-8 bytes stop the run with a message naming the file and line (``--skip-bad-lines`` skips
 them and reports the count). Outputs are written to temp files and renamed into place only when the whole
-input has been processed, so a failed run leaves no partial ``.bin``/``.idx``.
+input has been processed, so a failed run (a full disk, Ctrl-C, a worker error) leaves no partial or temp
+file. An input without any document is an error, as are a full disk and an unreadable input
+(``preprocess_data.py: error: ...``, exit status 2). Workers exit with this process, even on ``kill -9``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import glob
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import Pool
@@ -45,6 +53,8 @@ from megatron_eff.data.indexed_dataset import (  # noqa: E402
     best_fitting_dtype,
     data_file_path,
     index_file_path,
+    remove_dataset,
+    stats_file_path,
 )
 from megatron_eff.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
@@ -52,7 +62,11 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 class InputError(Exception):
-    """A bad flag, file or line; the message names it."""
+    """A bad flag, file or line; the message names it (``error: ...``, exit status 1)."""
+
+
+class ToolError(Exception):
+    """No documents, an unreadable input or output folder (``preprocess_data.py: error: ...``, exit status 2)."""
 
 
 class RawDocument(NamedTuple):
@@ -91,8 +105,18 @@ def expand_inputs(patterns: list[str]) -> list[str]:
                 raise InputError(f"--input {path}: file not found")
             if not path.endswith((*JSON_SUFFIXES, ".txt")):
                 raise InputError(f"--input {path}: expected a .jsonl/.json/.ndjson or .txt file")
+            check_readable(path)
             paths.append(path)
     return paths
+
+
+def check_readable(path: str) -> None:
+    """ToolError naming ``--input`` if ``path`` cannot be opened for reading."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise ToolError(f"--input {path}: cannot read ({err.strerror})") from None
 
 
 def read_json_lines(path: str) -> Iterator[RawDocument]:
@@ -187,7 +211,8 @@ class Encoder:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as err:
-            return {}, f"malformed JSON ({err.msg} at column {err.colno})"
+            where = err.msg.removesuffix(" at")  # "Invalid control character at", "... starting at"
+            return {}, f"malformed JSON ({where} at column {err.colno})"
         if not isinstance(record, dict):
             return {}, f"expected a JSON object, got {type(record).__name__}"
         return record, None
@@ -196,11 +221,42 @@ class Encoder:
 _WORKER_ENCODER: Encoder | None = None  # set once per worker process by _init_worker
 
 
-def _init_worker(encoder: Encoder) -> None:
-    """Pool initializer: keep this process's encoder, with its own tokenizer."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _init_worker(encoder: Encoder, parent_pid: int) -> None:
+    """Pool initializer: die with the parent, keep this process's encoder, with its own tokenizer."""
     global _WORKER_ENCODER
+    exit_with_parent(parent_pid)
     encoder.initialize()
     _WORKER_ENCODER = encoder
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as ``parent_pid`` dies, even by ``kill -9`` (which leaves the parent no chance
+    to stop its pool): the kernel's parent-death signal on Linux, else a thread polling ``os.getppid()``."""
+    if not _set_parent_death_signal(signal.SIGTERM):
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # it died before the signal was armed
+        os._exit(1)
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, signum)``; False where there is no such call. The signal comes when the
+    *thread* that forked us ends: Pool forks its workers from the main thread, which lives as long as the run."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Poll until this process is reparented, then exit."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode_in_worker(doc: RawDocument) -> EncodedDocument:
@@ -226,7 +282,7 @@ class Stats:
 
     def summary(self, prefixes: list[str], dtype) -> str:
         elapsed = max(time.time() - self.start, 1e-9)
-        outputs = ", ".join(f"{p}.{{bin,idx}}" for p in prefixes)
+        outputs = ", ".join(f"{p}.{{bin,idx,stats.json}}" for p in prefixes)
         lines = [
             f"processed {self.docs} documents, {self.tokens} tokens, {self.bytes / 1e6:.2f} MB of input "
             f"in {elapsed:.1f} s ({self.docs / elapsed:.0f} docs/s, {self.bytes / 1e6 / elapsed:.2f} MB/s)",
@@ -281,8 +337,10 @@ def write_datasets(args, encoder: Encoder, paths: list[str], dtype, pool) -> Sta
         bar.set_postfix(docs=stats.docs, docs_per_s=f"{stats.docs / (time.time() - stats.start):.0f}")
         bar.update(pending_bytes)
         bar.close()
-        for builder, prefix in zip(builders, prefixes, strict=True):
-            builder.finalize(index_file_path(prefix))
+        if stats.docs == 0:
+            skipped = f" ({stats.bad_lines} bad lines skipped by --skip-bad-lines)" if stats.bad_lines else ""
+            raise ToolError(f"no documents in --input {' '.join(args.input)}{skipped}")
+        finalize_all(builders, prefixes)
     except BaseException:
         bar.close()
         for builder in builders:
@@ -290,6 +348,20 @@ def write_datasets(args, encoder: Encoder, paths: list[str], dtype, pool) -> Sta
         raise
     print(stats.summary(prefixes, dtype))
     return stats
+
+
+def finalize_all(builders: list[IndexedDatasetBuilder], prefixes: list[str]) -> None:
+    """Move every key's dataset (``.bin``, ``.stats.json``, ``.idx``) into place, or none: a failure removes
+    the keys already finalized."""
+    done = []
+    try:
+        for builder, prefix in zip(builders, prefixes, strict=True):
+            builder.finalize(index_file_path(prefix), stats_file_path(prefix))
+            done.append(prefix)
+    except BaseException:
+        for prefix in done:
+            remove_dataset(prefix)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,6 +421,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--json-keys {' '.join(args.json_keys)}: repeated key")
 
 
+def make_output_dir(prefix: str) -> None:
+    """Create the folder of ``--output-prefix``; ToolError naming the flag when it cannot be."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise ToolError(f"--output-prefix {prefix}: cannot create folder {folder} ({err.strerror})") from None
+
+
 def run(args: argparse.Namespace) -> Stats:
     """Validate flags, build the tokenizer and write the datasets."""
     check_args(args)
@@ -364,11 +445,11 @@ def run(args: argparse.Namespace) -> Stats:
     if args.append_eod and tokenizer.eod is None:
         raise InputError(f"--append-eod: the {args.tokenizer_type} has no end-of-document token")
     dtype = best_fitting_dtype(tokenizer.vocab_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    make_output_dir(args.output_prefix)
     encoder = Encoder(tokenizer_kwargs, args.json_keys, args.append_eod)
     if args.workers == 1:
         return write_datasets(args, encoder, paths, dtype, pool=None)
-    with Pool(args.workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+    with Pool(args.workers, initializer=_init_worker, initargs=(encoder, os.getpid())) as pool:
         return write_datasets(args, encoder, paths, dtype, pool)
 
 
@@ -379,7 +460,18 @@ def main(argv=None) -> int:
     except (InputError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (ToolError, OSError) as err:
+        print(f"preprocess_data.py: error: {failure_message(err, args.output_prefix)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def failure_message(err: Exception, output_prefix: str) -> str:
+    """One line for a failed run; a full disk names the output folder (the outputs are already removed)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = os.path.dirname(os.path.abspath(output_prefix))
+        return f"no space left on device for {folder} (--output-prefix {output_prefix}); nothing was written"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,9 @@ def main(argv=None) -> int:
     except RuntimeError as err:  # sentencepiece reports bad settings (e.g. vocab too large) this way
         print(f"error: sentencepiece training failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
+    except OSError as err:  # an input that cannot be read (the message names the file)
+        print(f"train_tokenizer.py: error: {err}", file=sys.stderr)
+        return 2
     print(
         f"wrote {args.model_prefix}.model and {args.model_prefix}.vocab "
         f"(vocab {args.vocab_size}, unk={UNK_ID} bos={BOS_ID} eos={EOS_ID}, no pad)"

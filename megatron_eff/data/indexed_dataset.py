@@ -15,17 +15,23 @@ Files written by Megatron-LM load here unchanged and ours load there. Reading ne
 both files are memory-mapped, and a malformed pair raises one error naming the file and the field.
 Writing is atomic: ``IndexedDatasetBuilder`` writes temp files in the target directory and renames them
 into place in ``finalize``; ``abort`` (or leaving its ``with`` block by an exception) removes them.
+
+``max_token_id(prefix)`` gives a dataset's largest token id cheaply: from a ``PREFIX.stats.json`` sidecar
+(written beside the pair by ``tools/preprocess_data.py``, outside the Megatron format: the pair stays
+byte-identical) when its recorded sizes and mtimes match the files, else by one chunked scan of the ``.bin``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import struct
 import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from megatron_eff.files import umask_mode
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -68,6 +74,15 @@ def dtype_code(dtype) -> int:
     except KeyError:
         supported = ", ".join(str(np.dtype(d)) for d in DTYPE_CODES.values())
         raise ValueError(f"indexed dataset dtype {np.dtype(dtype)} is not one of {supported}") from None
+
+
+def _existing_pair(path_prefix: str) -> tuple[str, str]:
+    """(``PREFIX.idx``, ``PREFIX.bin``); FileNotFoundError naming the first one missing."""
+    idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
+    for path in (idx_path, bin_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"indexed dataset file not found: {path}")
+    return idx_path, bin_path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,10 +157,7 @@ class IndexedDataset:
 
     def __init__(self, path_prefix: str):
         self.path_prefix = str(path_prefix)
-        idx_path, bin_path = index_file_path(self.path_prefix), data_file_path(self.path_prefix)
-        for path in (idx_path, bin_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"indexed dataset file not found: {path}")
+        idx_path, bin_path = _existing_pair(self.path_prefix)
         self._index = _Index(idx_path)
         self._bin_path = bin_path
         self._check_bin_size()
@@ -260,11 +272,27 @@ def encode_index(dtype, sequence_lengths, document_indices) -> bytes:
     return header + lengths.tobytes() + pointers.tobytes() + docs.tobytes()
 
 
-def _temp_path_beside(path: str, suffix: str) -> str:
-    """Create an empty temp file next to ``path`` (same directory, so a rename is atomic)."""
+def _temp_path_beside(path: str, suffix: str = ".tmp") -> str:
+    """Create an empty temp file next to ``path`` (same directory, so a rename is atomic), with the mode a
+    plain ``open`` would give it: mkstemp's 0600 would survive the rename."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
-    os.close(fd)
+    try:
+        os.fchmod(fd, umask_mode(0o666))
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _write_temp_beside(path: str, data: bytes) -> str:
+    """A temp file next to ``path`` holding ``data``; removed again if the write fails (e.g. a full disk)."""
+    tmp = _temp_path_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     return tmp
 
 
@@ -281,18 +309,26 @@ class IndexedDatasetBuilder:
         dtype_code(dtype)  # validate early
         self.bin_path = str(bin_path)
         self.dtype = np.dtype(dtype).newbyteorder("<")
-        self._tmp_bin = _temp_path_beside(self.bin_path, ".tmp")
+        self._tmp_bin = _temp_path_beside(self.bin_path)
         self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed in finalize/abort
         self._sequence_lengths: list[int] = []
         self._document_indices: list[int] = [0]
+        self._max_token_id = -1
         self._closed = False
+
+    def _write_tokens(self, array: np.ndarray) -> None:
+        """Append ``array`` to the token file in the dataset's dtype, keeping track of the largest id."""
+        tokens = array.astype(self.dtype, copy=False)
+        self._file.write(tokens.tobytes(order="C"))
+        if tokens.size:
+            self._max_token_id = max(self._max_token_id, int(tokens.max()))
 
     def add_item(self, tokens) -> None:
         """Append one sequence (1-D array-like of token ids)."""
         array = np.asarray(tokens)
         if array.ndim != 1:
             raise ValueError(f"add_item expects a 1-D sequence of token ids, got shape {array.shape}")
-        self._file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._write_tokens(array)
         self._sequence_lengths.append(len(array))
 
     def end_document(self) -> None:
@@ -305,39 +341,49 @@ class IndexedDatasetBuilder:
         lengths = [int(n) for n in lengths]
         if array.ndim != 1 or sum(lengths) != len(array):
             raise ValueError(f"add_document: lengths sum {sum(lengths)} != {array.size} tokens")
-        self._file.write(array.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._write_tokens(array)
         self._sequence_lengths.extend(lengths)
         self.end_document()
 
-    def finalize(self, idx_path: str) -> None:
-        """Write the index and move ``.bin`` then ``.idx`` into place."""
+    def finalize(self, idx_path: str, stats_path: str | None = None) -> None:
+        """Write the index and move ``.bin``, the ``stats_path`` sidecar (written only when given, see
+        ``max_token_id``) and ``.idx`` into place, in that order. On any error, a full disk included, nothing
+        of this dataset is left: neither temp files nor the files already moved."""
         if self._document_indices[-1] != len(self._sequence_lengths):
             self.end_document()
-        self._file.close()
-        tmp_idx = _temp_path_beside(str(idx_path), ".tmp")
-        bin_moved = False
+        written, moved = [], []
         try:
-            Path(tmp_idx).write_bytes(
-                encode_index(self.dtype, self._sequence_lengths, self._document_indices)
+            self._file.close()
+            tmp_idx = _write_temp_beside(
+                str(idx_path), encode_index(self.dtype, self._sequence_lengths, self._document_indices)
             )
-            os.replace(self._tmp_bin, self.bin_path)
-            bin_moved = True
-            os.replace(tmp_idx, idx_path)
+            written.append(tmp_idx)
+            moves = [(self._tmp_bin, self.bin_path)]
+            if stats_path is not None:
+                key = _files_key(self._tmp_bin, tmp_idx)  # a rename keeps sizes and mtimes
+                written.append(_write_temp_beside(stats_path, _stats_bytes(self._max_token_id, key)))
+                moves.append((written[-1], stats_path))
+            for tmp, final in [*moves, (tmp_idx, str(idx_path))]:
+                os.replace(tmp, final)
+                moved.append(final)
         except BaseException:
-            _remove_quietly(tmp_idx)
-            if bin_moved:  # never leave a .bin without its .idx
-                _remove_quietly(self.bin_path)
+            for path in written + moved:
+                _remove_quietly(path)
             self.abort()
             raise
         self._closed = True
 
     def abort(self) -> None:
-        """Discard everything written so far; no output file is created."""
+        """Discard everything written so far; no output file is created. Never raises: on a full disk the
+        final flush fails too, and what it would have written is being discarded anyway."""
         if self._closed:
             return
-        self._file.close()
-        _remove_quietly(self._tmp_bin)
         self._closed = True
+        try:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        finally:
+            _remove_quietly(self._tmp_bin)
 
     def __enter__(self) -> IndexedDatasetBuilder:
         return self
@@ -347,7 +393,90 @@ class IndexedDatasetBuilder:
             self.abort()
 
 
+def remove_dataset(path_prefix: str) -> None:
+    """Delete ``PREFIX.idx``, ``PREFIX.stats.json`` and ``PREFIX.bin`` where they exist (the index first, so
+    an interrupted removal leaves no pair that looks complete)."""
+    for path in (index_file_path(path_prefix), stats_file_path(path_prefix), data_file_path(path_prefix)):
+        _remove_quietly(path)
+
+
 def _remove_quietly(path: str) -> None:
     """Delete ``path`` if it exists."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Largest token id (the PREFIX.stats.json sidecar)
+# ----------------------------------------------------------------------------------------------------------
+
+SCAN_CHUNK_TOKENS = 1 << 24  # tokens per step of the scan: memory stays bounded on any dataset size
+
+
+def stats_file_path(path_prefix: str) -> str:
+    """``PREFIX.stats.json``: the largest token id of ``PREFIX.bin``, keyed by the pair's sizes and mtimes."""
+    return f"{path_prefix}.stats.json"
+
+
+def max_token_id(path_prefix: str) -> int:
+    """Largest token id in ``PREFIX.bin`` (-1 when it holds no tokens), e.g. to check a dataset against a
+    vocabulary before training. Read from the ``PREFIX.stats.json`` sidecar (written by
+    ``tools/preprocess_data.py``) when it describes the current files, i.e. records the sizes and mtimes of
+    this ``.bin`` and ``.idx``. Otherwise the memory-mapped ``.bin`` is scanned in chunks and the result saved
+    as the sidecar when the folder is writable, so a regenerated dataset is scanned again, once."""
+    prefix = str(path_prefix)
+    idx_path, bin_path = _existing_pair(prefix)
+    key = _files_key(bin_path, idx_path)  # before the scan: a dataset rewritten meanwhile stays stale
+    cached = _cached_max_token_id(stats_file_path(prefix), key)
+    if cached is not None:
+        return cached
+    largest = _scan_max_token_id(IndexedDataset(prefix))
+    with contextlib.suppress(OSError):  # a read-only folder: scan again next time
+        _replace_with_temp(stats_file_path(prefix), _stats_bytes(largest, key))
+    return largest
+
+
+def _files_key(bin_path: str, idx_path: str) -> dict:
+    """Sizes and mtimes (ns) of a ``.bin``/``.idx`` pair: what a sidecar must match to describe them."""
+    key = {}
+    for name, path in (("bin", bin_path), ("idx", idx_path)):
+        stat = os.stat(path)
+        key[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return key
+
+
+def _stats_bytes(largest: int, key: dict) -> bytes:
+    """The sidecar's content: ``{"max_token_id": N, "bin": {size, mtime_ns}, "idx": {size, mtime_ns}}``."""
+    return (json.dumps({"max_token_id": largest, **key}) + "\n").encode("utf-8")
+
+
+def _cached_max_token_id(stats_path: str, key: dict) -> int | None:
+    """The sidecar's max_token_id if it describes the files of ``key``; None if absent, stale or unreadable."""
+    try:
+        with open(stats_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(name) != key[name] for name in key):
+        return None
+    value = record.get("max_token_id")
+    return value if isinstance(value, int) else None
+
+
+def _scan_max_token_id(dataset: IndexedDataset) -> int:
+    """Largest id in the dataset's ``.bin``, read in chunks of ``SCAN_CHUNK_TOKENS`` tokens."""
+    tokens = dataset._bin.view(dataset.dtype)  # [N] every token, memory-mapped
+    largest = -1
+    for start in range(0, len(tokens), SCAN_CHUNK_TOKENS):
+        largest = max(largest, int(tokens[start : start + SCAN_CHUNK_TOKENS].max()))
+    return largest
+
+
+def _replace_with_temp(path: str, data: bytes) -> None:
+    """Write ``path`` atomically: a temp file beside it renamed over it."""
+    tmp = _write_temp_beside(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise

@@ -166,8 +166,14 @@ def _read_tokenizer_config(directory: str) -> dict:
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not a tokenizer_config.json ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a tokenizer_config.json (expected a JSON object)")
+    return config
 
 
 def _token_text(entry) -> str | None:
@@ -230,25 +236,38 @@ def build_tokenizer(
     merge_file: str | None = None,
     vocab_size: int | None = None,
 ) -> Tokenizer:
-    """Build the tokenizer named by ``--tokenizer-type`` from the files its flags name."""
+    """Build the tokenizer named by ``--tokenizer-type`` from the files its flags name. A missing file is a
+    FileNotFoundError, a file the tokenizer library cannot read a ValueError, both naming the flag and file."""
     if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(_require_file(tokenizer_model, "--tokenizer-model", tokenizer_type))
+        path = _require_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        return _load(f"--tokenizer-model {path}", tokenizer_type, SentencePieceTokenizer, path)
     if tokenizer_type == "HuggingFaceTokenizer":
         if not tokenizer_model:
             raise ValueError(f"--tokenizer-model is required for --tokenizer-type {tokenizer_type}")
         if not os.path.exists(tokenizer_model):
             raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: file or folder not found")
-        return HuggingFaceTokenizer(tokenizer_model)
+        return _load(f"--tokenizer-model {tokenizer_model}", tokenizer_type, HuggingFaceTokenizer, tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(
-            _require_file(vocab_file, "--vocab-file", tokenizer_type),
-            _require_file(merge_file, "--merge-file", tokenizer_type),
-        )
+        vocab = _require_file(vocab_file, "--vocab-file", tokenizer_type)
+        merges = _require_file(merge_file, "--merge-file", tokenizer_type)
+        return _load(f"--vocab-file {vocab} / --merge-file {merges}", tokenizer_type, GPT2BPETokenizer, vocab, merges)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise ValueError(f"--vocab-size is required for --tokenizer-type {tokenizer_type}")
         return NullTokenizer(vocab_size)
     raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+
+
+def _load(files: str, tokenizer_type: str, cls, *args) -> Tokenizer:
+    """``cls(*args)``; what the tokenizer library raises on a file it cannot parse (sentencepiece a RuntimeError,
+    tokenizers a bare Exception) becomes one ValueError naming ``files`` and the tokenizer type."""
+    try:
+        return cls(*args)
+    except (ValueError, OSError, ImportError):  # ours name the flag already; a missing library stays itself
+        raise
+    except Exception as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{files}: not a {tokenizer_type} file ({reason})") from None
 
 
 def checkpoint_tokenizer(flags: dict, run_data: dict, model_vocab_size: int) -> Tokenizer:

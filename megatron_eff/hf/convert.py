@@ -25,6 +25,7 @@ import tempfile
 import torch
 
 from megatron_eff.config import ModelConfig, ParallelConfig
+from megatron_eff.files import umask_mode
 from megatron_eff.hf import mapping
 from megatron_eff.hf.tokenizer import export_tokenizer, import_tokenizer
 
@@ -52,11 +53,24 @@ def atomic_output_dir(save_dir: str, flag: str = "--save-dir"):
     tmp = tempfile.mkdtemp(prefix=os.path.basename(save_dir) + ".tmp", dir=parent)
     try:
         yield tmp
+        _apply_umask(tmp)
         if os.path.isdir(save_dir):
             os.rmdir(save_dir)  # empty (checked above)
         os.replace(tmp, save_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(folder: str) -> None:
+    """Give `folder` and everything in it the modes `mkdir`/`open` would: mkdtemp makes the folder 0700 and
+    safetensors writes its files 0600, modes the final rename would keep."""
+    dir_mode, file_mode = umask_mode(0o777), umask_mode(0o666)
+    os.chmod(folder, dir_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
 
 
 def _write_json(path: str, value: dict) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_eff.data import indexed_dataset as indexed_module
 from megatron_eff.data.blended_dataset import BlendedDataset, build_blending_indices
 from megatron_eff.data.builders import (
     build_train_valid_test_datasets,
@@ -14,7 +15,7 @@ from megatron_eff.data.builders import (
     parse_data_path,
     parse_split,
 )
-from megatron_eff.data.gpt_dataset import GPTDataset
+from megatron_eff.data.gpt_dataset import GPTDataset, build_gpt_indices, build_sample_index, count_tokens
 from megatron_eff.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 
@@ -58,6 +59,77 @@ def test_samples_cover_each_epoch_exactly(tmp_path):
             np.sort(epoch_tokens), np.sort(np.concatenate([indexed.get_document(d) for d in documents]))
         )
     assert sorted(ds.shuffle_index.tolist()) == list(range(num_samples))
+
+
+def unchunked_gpt_indices(document_ids, doc_lengths, num_samples, seq_length, seed):
+    """The index builder as it was before it was made chunked and in place: the output must not change."""
+    tokens_per_epoch = int(doc_lengths[document_ids].sum())
+    num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
+    rng = np.random.RandomState(seed)
+    document_index = np.concatenate([rng.permutation(document_ids) for _ in range(num_epochs)]).astype(np.int64)
+    token_starts = np.zeros(len(document_index) + 1, dtype=np.int64)
+    np.cumsum(doc_lengths[document_index], out=token_starts[1:])
+    positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    assert positions[-1] < token_starts[-1]
+    doc_positions = np.searchsorted(token_starts, positions, side="right") - 1
+    offsets = positions - token_starts[doc_positions]
+    sample_index = np.stack([doc_positions, offsets], axis=1).astype(np.int64)
+    shuffle_index = rng.permutation(num_samples).astype(np.int64)
+    return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
+
+
+@pytest.mark.parametrize(
+    "num_docs, pick, num_samples, seq_length, seed",
+    [
+        (40, "all", 1, 1, 0),
+        (40, "all", 50, 8, 1),
+        (40, "all", 400, 7, 3),  # several epochs
+        (100, "every_third", 333, 5, 4),  # a subset of the documents
+        (100, "shuffled", 200, 16, 5),  # ids in any order
+        (7, "all", 30, 64, 6),  # samples longer than the documents
+    ],
+)
+def test_indices_match_the_unchunked_builder(tmp_path, num_docs, pick, num_samples, seq_length, seed):
+    indexed = IndexedDataset(make_prefix(tmp_path, num_docs=num_docs, seed=seed))
+    ids = np.arange(num_docs, dtype=np.int64)
+    ids = {"all": ids, "every_third": ids[::3], "shuffled": np.random.RandomState(9).permutation(ids)}[pick]
+    lengths = indexed.document_lengths
+    expected = unchunked_gpt_indices(ids, lengths, num_samples, seq_length, seed)
+    got = build_gpt_indices(ids, lengths, count_tokens(lengths, ids), num_samples, seq_length, seed)
+    for name, array in expected.items():
+        assert got[name].dtype == np.int64
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+    for chunk_size in (1, 2, 3, 7, 64):  # chunk boundaries anywhere, also inside runs of empty documents
+        np.testing.assert_array_equal(
+            build_sample_index(got["document_index"], lengths, seq_length, num_samples, chunk_size),
+            expected["sample_index"],
+        )
+    assert count_tokens(lengths, ids, chunk_size=3) == int(lengths[ids].sum())
+
+
+def test_sample_index_needs_enough_tokens():
+    lengths = np.array([3, 0, 4])
+    index = build_sample_index(np.array([0, 1, 2]), lengths, 2, 3)  # 7 tokens: samples of 2 (+1) fit 3 times
+    assert index.tolist() == [[0, 0], [0, 2], [2, 1], [2, 3]]
+    with pytest.raises(ValueError, match="document index has 7 tokens, 9 needed"):
+        build_sample_index(np.array([0, 1, 2]), lengths, 2, 4, chunk_size=2)
+
+
+def test_document_lengths_of_multi_sequence_documents(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "multi")
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+    rng = np.random.RandomState(0)
+    for d in range(30):
+        for _ in range(d % 4):  # 0 to 3 sequences; 0 makes an empty document
+            builder.add_item(np.arange(rng.randint(0, 9)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    monkeypatch.setattr(indexed_module, "CHUNK", 4)
+    indexed = IndexedDataset(prefix)
+    token_starts = np.concatenate([[0], np.cumsum(indexed.sequence_lengths, dtype=np.int64)])
+    np.testing.assert_array_equal(indexed.document_lengths, np.diff(token_starts[indexed.document_indices]))
+    assert indexed.document_lengths is indexed.document_lengths  # computed once
+    assert [len(indexed.get_document(d)) for d in range(30)] == indexed.document_lengths.tolist()
 
 
 def test_seed_determinism(tmp_path):

@@ -1,6 +1,8 @@
 """GPT dataset indices, caching, document splits, blending and the --data-path/--split parsers."""
 
+import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -149,7 +151,7 @@ def test_cache_created_and_reused(tmp_path):
     docs = np.arange(indexed.num_documents)
     first = GPTDataset(indexed, docs, 30, 8, seed=1)  # default cache: PREFIX's folder / cache
     cache_dir = tmp_path / "cache"
-    files = sorted(os.listdir(cache_dir))
+    files = sorted(f for f in os.listdir(cache_dir) if not f.endswith(".lock"))  # a lock file per cache
     assert len(files) == 4 and any(f.endswith("description.json") for f in files)
     assert not first.loaded_from_cache
     second = GPTDataset(indexed, docs, 30, 8, seed=1)
@@ -158,8 +160,56 @@ def test_cache_created_and_reused(tmp_path):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
     third = GPTDataset(indexed, docs, 30, 9, seed=1)
     assert not third.loaded_from_cache
-    assert len(os.listdir(cache_dir)) == 8
+    assert len(os.listdir(cache_dir)) == 10
     assert not any(".tmp" in f for f in os.listdir(cache_dir))
+
+
+def _build_in_a_race(prefix, cache_dir, marker, barrier, results):
+    """One of the racing processes: count builds in ``marker``, then send back what the dataset holds."""
+    import megatron_eff.data.gpt_dataset as gpt_dataset_module
+
+    real_build = gpt_dataset_module.build_gpt_indices
+
+    def counted_build(*args):
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough for the other process to reach the lock while this one builds
+        return real_build(*args)
+
+    gpt_dataset_module.build_gpt_indices = counted_build
+    indexed = IndexedDataset(prefix)
+    barrier.wait()
+    ds = GPTDataset(indexed, np.arange(indexed.num_documents), 300, 8, seed=4, cache_dir=cache_dir)
+    names = ("document_index", "sample_index", "shuffle_index")
+    results.put((ds.loaded_from_cache, [np.asarray(getattr(ds, n)).tobytes() for n in names]))
+
+
+def test_ranks_racing_on_an_empty_cache_build_once(tmp_path):
+    prefix = make_prefix(tmp_path)
+    cache_dir, marker = str(tmp_path / "cache"), str(tmp_path / "builds.txt")
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(target=_build_in_a_race, args=(prefix, cache_dir, marker, barrier, results)) for _ in range(2)
+    ]
+    for p in processes:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    with open(marker) as f:
+        assert len(f.read().split()) == 1  # one build
+    assert sorted(loaded for loaded, _ in outcomes) == [False, True]  # the other process loaded its files
+    assert outcomes[0][1] == outcomes[1][1]
+
+
+def test_unwritable_cache_dir_builds_in_memory(tmp_path):
+    indexed = IndexedDataset(make_prefix(tmp_path))
+    (tmp_path / "a_file").write_text("")
+    with pytest.warns(UserWarning, match="could not cache dataset indices"):
+        ds = GPTDataset(indexed, np.arange(indexed.num_documents), 30, 8, 1, str(tmp_path / "a_file" / "cache"))
+    assert not ds.loaded_from_cache and len(ds[3]["tokens"]) == 9
 
 
 def test_empty_split_raises(tmp_path):

@@ -20,11 +20,14 @@ earlier unchunked builder, and int64 as before (Megatron's int32 would halve the
 Cache files live in ``cache_dir`` (default: a ``cache/`` folder beside the data prefix) named
 ``{md5}-GPTDataset-{name}.npy`` where ``md5`` hashes a JSON description of everything the indices depend
 on; the description is stored beside them. Each file is written to a temp name and ``os.replace``-d, so
-a reader never sees half a file.
+a reader never sees half a file, and a cache is built under a file lock, once per node (or once per job on
+a shared file system with working ``flock``), not once per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -57,6 +60,13 @@ def _save_atomic(path: str, write: Callable) -> None:
             os.remove(tmp)
 
 
+def _load_cached(paths: dict[str, str]) -> dict[str, np.ndarray] | None:
+    """The cached arrays (memory-mapped), or None unless every file exists."""
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    return {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
+
+
 def load_or_build_cached(
     cache_dir: str | None, description: dict, build: Callable[[], dict[str, np.ndarray]]
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -64,18 +74,32 @@ def load_or_build_cached(
 
     Returns (arrays, loaded_from_cache). Files: ``{md5}-{class}-{array name}.npy`` and
     ``{md5}-{class}-description.json``; the description must contain ``"class"`` and ``"arrays"``
-    (the array names).
+    (the array names). A miss builds under an exclusive ``flock`` on ``{md5}-{class}.lock``: of the
+    processes sharing the cache folder (the ranks of a node, or of every node on a shared file system) the
+    first builds and writes, the others wait and then load its files. An unwritable ``cache_dir`` gives a
+    warning and arrays built in memory.
     """
+    if cache_dir is None:
+        return build(), False
     stem = f"{description_hash(description)}-{description['class']}"
-    names = description["arrays"]
-    if cache_dir is not None:
-        paths = {name: os.path.join(cache_dir, f"{stem}-{name}.npy") for name in names}
-        if all(os.path.isfile(p) for p in paths.values()):
-            return {name: np.load(p, mmap_mode="r") for name, p in paths.items()}, True
-    arrays = build()
-    if cache_dir is not None:
+    paths = {name: os.path.join(cache_dir, f"{stem}-{name}.npy") for name in description["arrays"]}
+    arrays = _load_cached(paths)
+    if arrays is not None:
+        return arrays, True
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(os.path.join(cache_dir, f"{stem}.lock"), "ab")  # noqa: SIM115 - closed by `with` below
+    except OSError as err:
+        warnings.warn(f"could not cache dataset indices in {cache_dir}: {err}", stacklevel=2)
+        return build(), False
+    with lock:
+        with contextlib.suppress(OSError):  # a file system without locks: every process builds, as before
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        arrays = _load_cached(paths)  # written by the process that held the lock before
+        if arrays is not None:
+            return arrays, True
+        arrays = build()
         try:
-            os.makedirs(cache_dir, exist_ok=True)
             for name, path in paths.items():
                 _save_atomic(path, lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
             text = json.dumps(description, sort_keys=True, indent=4).encode("utf-8")

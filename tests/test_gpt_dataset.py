@@ -164,6 +164,35 @@ def test_cache_created_and_reused(tmp_path):
     assert not any(".tmp" in f for f in os.listdir(cache_dir))
 
 
+def write_documents(prefix, lengths, base):
+    """Documents of the given lengths whose tokens are base + d * 1000 + i."""
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+    for d, length in enumerate(lengths):
+        builder.add_item(base + d * 1000 + np.arange(length))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+
+
+def test_regenerated_data_at_the_same_prefix_gets_new_indices(tmp_path):
+    """Same prefix, document count and token total, other lengths: the old cache must not be reused."""
+    prefix = str(tmp_path / "corpus")
+    lengths = np.arange(1, 41)
+    write_documents(prefix, lengths, base=0)
+    first = GPTDataset(IndexedDataset(prefix), np.arange(40), 60, 8, seed=2)
+    write_documents(prefix, np.random.RandomState(0).permutation(lengths), base=10**6)  # regenerated
+    indexed = IndexedDataset(prefix)
+    second = GPTDataset(indexed, np.arange(40), 60, 8, seed=2)
+    unchanged = ("path_prefix", "split", "documents", "tokens_per_epoch", "num_samples", "seq_length", "seed")
+    assert all(first.description[k] == second.description[k] for k in unchanged)  # the old cache key
+    assert not second.loaded_from_cache
+    assert not np.array_equal(first.sample_index, second.sample_index)
+    stream = stream_of_samples(second, 60)  # the samples cut from the new documents, in index order
+    expected = np.concatenate([indexed.get_document(d) for d in second.document_index])
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    assert all(second[i]["tokens"].min() >= 10**6 for i in range(60))
+    assert GPTDataset(IndexedDataset(prefix), np.arange(40), 60, 8, seed=2).loaded_from_cache
+
+
 def _build_in_a_race(prefix, cache_dir, marker, barrier, results):
     """One of the racing processes: count builds in ``marker``, then send back what the dataset holds."""
     import megatron_eff.data.gpt_dataset as gpt_dataset_module

@@ -19,9 +19,11 @@ earlier unchunked builder, and int64 as before (Megatron's int32 would halve the
 
 Cache files live in ``cache_dir`` (default: a ``cache/`` folder beside the data prefix) named
 ``{md5}-GPTDataset-{name}.npy`` where ``md5`` hashes a JSON description of everything the indices depend
-on; the description is stored beside them. Each file is written to a temp name and ``os.replace``-d, so
-a reader never sees half a file, and a cache is built under a file lock, once per node (or once per job on
-a shared file system with working ``flock``), not once per rank.
+on: the prefix, the documents, the split and sizes, and the data itself (an md5 of the document lengths,
+which are all the indices depend on, and the ``.bin`` size), so data regenerated at the same prefix never
+reuses stale indices. The description is stored beside them. Each file is written to a temp name and
+``os.replace``-d, so a reader never sees half a file, and a cache is built under a file lock, once per node
+(or once per job on a shared file system with working ``flock``), not once per rank.
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ class GPTDataset:
             "class": type(self).__name__,
             "arrays": ["document_index", "sample_index", "shuffle_index"],
             "path_prefix": os.path.abspath(prefix),
+            "data": indexed_dataset.fingerprint,  # regenerated data at the same prefix gets new indices
             "split": name,
             "documents": {
                 "count": len(self.document_ids),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import struct
 import tempfile
@@ -208,6 +209,17 @@ class IndexedDataset:
         lengths = document_lengths(self.sequence_lengths, self.document_indices)
         lengths.flags.writeable = False
         return lengths
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """What identifies the data: md5 of ``document_lengths`` and the ``.bin`` size in bytes.
+
+        Index caches are keyed on it, so data regenerated at the same prefix never reuses stale indices.
+        """
+        return {
+            "document_lengths_md5": hashlib.md5(self.document_lengths).hexdigest(),
+            "bin_bytes": int(self._bin.size),
+        }
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)

@@ -35,7 +35,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("blending_indices.c")
 LIBRARY = Path(__file__).with_name("_blending_indices.so")  # what `make venv` builds
-COMPILE_FLAGS = ["-O2", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off"]
+COMPILE_FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off"]
 SELF_CHECK_CASES = [([1 / 3, 1 / 3, 1 / 3], 300), ([0.1, 0.3, 0.6], 300), ([0.5, 0.25, 0.0, 0.25], 300)]
 
 

@@ -13,7 +13,7 @@ Three index arrays, built once with numpy from the seed and the split, then cach
   one chunk at a time), so no array as long as the document index exists besides the output.
 - shuffle index ``int64 [num_samples]``: a permutation of the samples.
 
-Peak memory while building is the three outputs plus chunk temporaries of a few MB (besides the document
+Peak memory while building is the three outputs plus chunk temporaries of ~10 MB (besides the document
 lengths and ids the caller holds), so 10^8 documents fit. The arrays are value for value those of the
 earlier unchunked builder, and int64 as before (Megatron's int32 would halve them but change the files).
 
@@ -42,7 +42,7 @@ import numpy as np
 from megatron_eff.data.indexed_dataset import IndexedDataset
 
 INDEX_FORMAT_VERSION = 1  # bump when the way indices are built changes, to invalidate old caches
-INDEX_CHUNK = 1 << 20  # document-index entries per step of the chunked builders (8 MB per int64 temporary)
+INDEX_CHUNK = 1 << 18  # document-index entries per step of the chunked builders (2 MB per int64 temporary)
 
 
 def description_hash(description: dict) -> str:

@@ -44,7 +44,7 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
     8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
-CHUNK = 1 << 20  # entries per step when validating or deriving per-document arrays (bounded temporaries)
+CHUNK = 1 << 18  # entries per step when validating or deriving per-document arrays (bounded temporaries)
 
 
 def best_fitting_dtype(vocab_size: int | None) -> type[np.generic]:

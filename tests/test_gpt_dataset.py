@@ -1,11 +1,14 @@
 """GPT dataset indices, caching, document splits, blending and the --data-path/--split parsers."""
 
+import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from megatron_eff.data import indexed_dataset as indexed_module
 from megatron_eff.data.blended_dataset import BlendedDataset, build_blending_indices
 from megatron_eff.data.builders import (
     build_train_valid_test_datasets,
@@ -14,7 +17,7 @@ from megatron_eff.data.builders import (
     parse_data_path,
     parse_split,
 )
-from megatron_eff.data.gpt_dataset import GPTDataset
+from megatron_eff.data.gpt_dataset import GPTDataset, build_gpt_indices, build_sample_index, count_tokens
 from megatron_eff.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 
@@ -60,6 +63,77 @@ def test_samples_cover_each_epoch_exactly(tmp_path):
     assert sorted(ds.shuffle_index.tolist()) == list(range(num_samples))
 
 
+def unchunked_gpt_indices(document_ids, doc_lengths, num_samples, seq_length, seed):
+    """The index builder as it was before it was made chunked and in place: the output must not change."""
+    tokens_per_epoch = int(doc_lengths[document_ids].sum())
+    num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
+    rng = np.random.RandomState(seed)
+    document_index = np.concatenate([rng.permutation(document_ids) for _ in range(num_epochs)]).astype(np.int64)
+    token_starts = np.zeros(len(document_index) + 1, dtype=np.int64)
+    np.cumsum(doc_lengths[document_index], out=token_starts[1:])
+    positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    assert positions[-1] < token_starts[-1]
+    doc_positions = np.searchsorted(token_starts, positions, side="right") - 1
+    offsets = positions - token_starts[doc_positions]
+    sample_index = np.stack([doc_positions, offsets], axis=1).astype(np.int64)
+    shuffle_index = rng.permutation(num_samples).astype(np.int64)
+    return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
+
+
+@pytest.mark.parametrize(
+    "num_docs, pick, num_samples, seq_length, seed",
+    [
+        (40, "all", 1, 1, 0),
+        (40, "all", 50, 8, 1),
+        (40, "all", 400, 7, 3),  # several epochs
+        (100, "every_third", 333, 5, 4),  # a subset of the documents
+        (100, "shuffled", 200, 16, 5),  # ids in any order
+        (7, "all", 30, 64, 6),  # samples longer than the documents
+    ],
+)
+def test_indices_match_the_unchunked_builder(tmp_path, num_docs, pick, num_samples, seq_length, seed):
+    indexed = IndexedDataset(make_prefix(tmp_path, num_docs=num_docs, seed=seed))
+    ids = np.arange(num_docs, dtype=np.int64)
+    ids = {"all": ids, "every_third": ids[::3], "shuffled": np.random.RandomState(9).permutation(ids)}[pick]
+    lengths = indexed.document_lengths
+    expected = unchunked_gpt_indices(ids, lengths, num_samples, seq_length, seed)
+    got = build_gpt_indices(ids, lengths, count_tokens(lengths, ids), num_samples, seq_length, seed)
+    for name, array in expected.items():
+        assert got[name].dtype == np.int64
+        np.testing.assert_array_equal(got[name], array, err_msg=name)
+    for chunk_size in (1, 2, 3, 7, 64):  # chunk boundaries anywhere, also inside runs of empty documents
+        np.testing.assert_array_equal(
+            build_sample_index(got["document_index"], lengths, seq_length, num_samples, chunk_size),
+            expected["sample_index"],
+        )
+    assert count_tokens(lengths, ids, chunk_size=3) == int(lengths[ids].sum())
+
+
+def test_sample_index_needs_enough_tokens():
+    lengths = np.array([3, 0, 4])
+    index = build_sample_index(np.array([0, 1, 2]), lengths, 2, 3)  # 7 tokens: samples of 2 (+1) fit 3 times
+    assert index.tolist() == [[0, 0], [0, 2], [2, 1], [2, 3]]
+    with pytest.raises(ValueError, match="document index has 7 tokens, 9 needed"):
+        build_sample_index(np.array([0, 1, 2]), lengths, 2, 4, chunk_size=2)
+
+
+def test_document_lengths_of_multi_sequence_documents(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "multi")
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+    rng = np.random.RandomState(0)
+    for d in range(30):
+        for _ in range(d % 4):  # 0 to 3 sequences; 0 makes an empty document
+            builder.add_item(np.arange(rng.randint(0, 9)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    monkeypatch.setattr(indexed_module, "CHUNK", 4)
+    indexed = IndexedDataset(prefix)
+    token_starts = np.concatenate([[0], np.cumsum(indexed.sequence_lengths, dtype=np.int64)])
+    np.testing.assert_array_equal(indexed.document_lengths, np.diff(token_starts[indexed.document_indices]))
+    assert indexed.document_lengths is indexed.document_lengths  # computed once
+    assert [len(indexed.get_document(d)) for d in range(30)] == indexed.document_lengths.tolist()
+
+
 def test_seed_determinism(tmp_path):
     indexed = IndexedDataset(make_prefix(tmp_path))
     docs = np.arange(indexed.num_documents)
@@ -77,7 +151,7 @@ def test_cache_created_and_reused(tmp_path):
     docs = np.arange(indexed.num_documents)
     first = GPTDataset(indexed, docs, 30, 8, seed=1)  # default cache: PREFIX's folder / cache
     cache_dir = tmp_path / "cache"
-    files = sorted(os.listdir(cache_dir))
+    files = sorted(f for f in os.listdir(cache_dir) if not f.endswith(".lock"))  # a lock file per cache
     assert len(files) == 4 and any(f.endswith("description.json") for f in files)
     assert not first.loaded_from_cache
     second = GPTDataset(indexed, docs, 30, 8, seed=1)
@@ -86,8 +160,85 @@ def test_cache_created_and_reused(tmp_path):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
     third = GPTDataset(indexed, docs, 30, 9, seed=1)
     assert not third.loaded_from_cache
-    assert len(os.listdir(cache_dir)) == 8
+    assert len(os.listdir(cache_dir)) == 10
     assert not any(".tmp" in f for f in os.listdir(cache_dir))
+
+
+def write_documents(prefix, lengths, base):
+    """Documents of the given lengths whose tokens are base + d * 1000 + i."""
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
+    for d, length in enumerate(lengths):
+        builder.add_item(base + d * 1000 + np.arange(length))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+
+
+def test_regenerated_data_at_the_same_prefix_gets_new_indices(tmp_path):
+    """Same prefix, document count and token total, other lengths: the old cache must not be reused."""
+    prefix = str(tmp_path / "corpus")
+    lengths = np.arange(1, 41)
+    write_documents(prefix, lengths, base=0)
+    first = GPTDataset(IndexedDataset(prefix), np.arange(40), 60, 8, seed=2)
+    write_documents(prefix, np.random.RandomState(0).permutation(lengths), base=10**6)  # regenerated
+    indexed = IndexedDataset(prefix)
+    second = GPTDataset(indexed, np.arange(40), 60, 8, seed=2)
+    unchanged = ("path_prefix", "split", "documents", "tokens_per_epoch", "num_samples", "seq_length", "seed")
+    assert all(first.description[k] == second.description[k] for k in unchanged)  # the old cache key
+    assert not second.loaded_from_cache
+    assert not np.array_equal(first.sample_index, second.sample_index)
+    stream = stream_of_samples(second, 60)  # the samples cut from the new documents, in index order
+    expected = np.concatenate([indexed.get_document(d) for d in second.document_index])
+    np.testing.assert_array_equal(stream, expected[: len(stream)])
+    assert all(second[i]["tokens"].min() >= 10**6 for i in range(60))
+    assert GPTDataset(IndexedDataset(prefix), np.arange(40), 60, 8, seed=2).loaded_from_cache
+
+
+def _build_in_a_race(prefix, cache_dir, marker, barrier, results):
+    """One of the racing processes: count builds in ``marker``, then send back what the dataset holds."""
+    import megatron_eff.data.gpt_dataset as gpt_dataset_module
+
+    real_build = gpt_dataset_module.build_gpt_indices
+
+    def counted_build(*args):
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # long enough for the other process to reach the lock while this one builds
+        return real_build(*args)
+
+    gpt_dataset_module.build_gpt_indices = counted_build
+    indexed = IndexedDataset(prefix)
+    barrier.wait()
+    ds = GPTDataset(indexed, np.arange(indexed.num_documents), 300, 8, seed=4, cache_dir=cache_dir)
+    names = ("document_index", "sample_index", "shuffle_index")
+    results.put((ds.loaded_from_cache, [np.asarray(getattr(ds, n)).tobytes() for n in names]))
+
+
+def test_ranks_racing_on_an_empty_cache_build_once(tmp_path):
+    prefix = make_prefix(tmp_path)
+    cache_dir, marker = str(tmp_path / "cache"), str(tmp_path / "builds.txt")
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(target=_build_in_a_race, args=(prefix, cache_dir, marker, barrier, results)) for _ in range(2)
+    ]
+    for p in processes:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    with open(marker) as f:
+        assert len(f.read().split()) == 1  # one build
+    assert sorted(loaded for loaded, _ in outcomes) == [False, True]  # the other process loaded its files
+    assert outcomes[0][1] == outcomes[1][1]
+
+
+def test_unwritable_cache_dir_builds_in_memory(tmp_path):
+    indexed = IndexedDataset(make_prefix(tmp_path))
+    (tmp_path / "a_file").write_text("")
+    with pytest.warns(UserWarning, match="could not cache dataset indices"):
+        ds = GPTDataset(indexed, np.arange(indexed.num_documents), 30, 8, 1, str(tmp_path / "a_file" / "cache"))
+    assert not ds.loaded_from_cache and len(ds[3]["tokens"]) == 9
 
 
 def test_empty_split_raises(tmp_path):

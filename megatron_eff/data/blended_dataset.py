@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from megatron_eff.data.blending_indices import blending_indices
 from megatron_eff.data.gpt_dataset import load_or_build_cached
 
 
@@ -43,23 +44,9 @@ def build_blending_indices(
 
     ``start_counts`` [num_datasets] are samples already drawn from each dataset before this segment; the
     rule balances the counts drawn *within* the segment, and sample indices continue from ``start_counts``.
+    Runs the compiled helper of ``blending_indices`` (the Python rule, identical output, without a compiler).
     """
-    num = len(weights)
-    start = [0] * num if start_counts is None else [int(c) for c in start_counts]
-    drawn = [0] * num
-    dataset_index = np.empty(size, dtype=np.int64)
-    dataset_sample_index = np.empty(size, dtype=np.int64)
-    for i in range(size):
-        target = max(i, 1)
-        best, best_lag = 0, weights[0] * target - drawn[0]
-        for d in range(1, num):
-            lag = weights[d] * target - drawn[d]
-            if lag > best_lag:
-                best, best_lag = d, lag
-        dataset_index[i] = best
-        dataset_sample_index[i] = start[best] + drawn[best]
-        drawn[best] += 1
-    return dataset_index, dataset_sample_index
+    return blending_indices(weights, size, start_counts)
 
 
 class BlendedDataset:

@@ -4,21 +4,32 @@ Three index arrays, built once with numpy from the seed and the split, then cach
 
 - document index ``int64 [epochs * docs]``: the split's document ids, each epoch a fresh permutation drawn
   from ``np.random.RandomState(seed)``, epochs concatenated (one epoch holds every document exactly once;
-  Megatron shuffles all epochs together instead, which lets a document repeat within an "epoch").
+  Megatron shuffles all epochs together instead, which lets a document repeat within an "epoch"). Each
+  epoch is shuffled in place in its slice of the output.
 - sample index ``int64 [num_samples + 1, 2]``: row ``j`` is (position in the document index, token offset)
   where sample ``j`` starts. Sample ``j`` runs from row ``j`` to row ``j + 1`` *inclusive*, so it has
   ``seq_length + 1`` tokens (inputs + shifted labels), may span documents, and consecutive samples share
-  exactly one token, as in Megatron.
+  exactly one token, as in Megatron. Built in chunks of the document index (cumulative token counts of
+  one chunk at a time), so no array as long as the document index exists besides the output.
 - shuffle index ``int64 [num_samples]``: a permutation of the samples.
+
+Peak memory while building is the three outputs plus chunk temporaries of ~10 MB (besides the document
+lengths and ids the caller holds), so 10^8 documents fit. The arrays are value for value those of the
+earlier unchunked builder, and int64 as before (Megatron's int32 would halve them but change the files).
 
 Cache files live in ``cache_dir`` (default: a ``cache/`` folder beside the data prefix) named
 ``{md5}-GPTDataset-{name}.npy`` where ``md5`` hashes a JSON description of everything the indices depend
-on; the description is stored beside them. Each file is written to a temp name and ``os.replace``-d, so
-ranks building the same cache at once are safe and a reader never sees half a file.
+on: the prefix, the documents, the split and sizes, and the data itself (an md5 of the document lengths,
+which are all the indices depend on, and the ``.bin`` size), so data regenerated at the same prefix never
+reuses stale indices. The description is stored beside them. Each file is written to a temp name and
+``os.replace``-d, so a reader never sees half a file, and a cache is built under a file lock, once per node
+(or once per job on a shared file system with working ``flock``), not once per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +42,7 @@ import numpy as np
 from megatron_eff.data.indexed_dataset import IndexedDataset
 
 INDEX_FORMAT_VERSION = 1  # bump when the way indices are built changes, to invalidate old caches
+INDEX_CHUNK = 1 << 18  # document-index entries per step of the chunked builders (2 MB per int64 temporary)
 
 
 def description_hash(description: dict) -> str:
@@ -50,6 +62,13 @@ def _save_atomic(path: str, write: Callable) -> None:
             os.remove(tmp)
 
 
+def _load_cached(paths: dict[str, str]) -> dict[str, np.ndarray] | None:
+    """The cached arrays (memory-mapped), or None unless every file exists."""
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    return {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
+
+
 def load_or_build_cached(
     cache_dir: str | None, description: dict, build: Callable[[], dict[str, np.ndarray]]
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -57,18 +76,32 @@ def load_or_build_cached(
 
     Returns (arrays, loaded_from_cache). Files: ``{md5}-{class}-{array name}.npy`` and
     ``{md5}-{class}-description.json``; the description must contain ``"class"`` and ``"arrays"``
-    (the array names).
+    (the array names). A miss builds under an exclusive ``flock`` on ``{md5}-{class}.lock``: of the
+    processes sharing the cache folder (the ranks of a node, or of every node on a shared file system) the
+    first builds and writes, the others wait and then load its files. An unwritable ``cache_dir`` gives a
+    warning and arrays built in memory.
     """
+    if cache_dir is None:
+        return build(), False
     stem = f"{description_hash(description)}-{description['class']}"
-    names = description["arrays"]
-    if cache_dir is not None:
-        paths = {name: os.path.join(cache_dir, f"{stem}-{name}.npy") for name in names}
-        if all(os.path.isfile(p) for p in paths.values()):
-            return {name: np.load(p, mmap_mode="r") for name, p in paths.items()}, True
-    arrays = build()
-    if cache_dir is not None:
+    paths = {name: os.path.join(cache_dir, f"{stem}-{name}.npy") for name in description["arrays"]}
+    arrays = _load_cached(paths)
+    if arrays is not None:
+        return arrays, True
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = open(os.path.join(cache_dir, f"{stem}.lock"), "ab")  # noqa: SIM115 - closed by `with` below
+    except OSError as err:
+        warnings.warn(f"could not cache dataset indices in {cache_dir}: {err}", stacklevel=2)
+        return build(), False
+    with lock:
+        with contextlib.suppress(OSError):  # a file system without locks: every process builds, as before
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        arrays = _load_cached(paths)  # written by the process that held the lock before
+        if arrays is not None:
+            return arrays, True
+        arrays = build()
         try:
-            os.makedirs(cache_dir, exist_ok=True)
             for name, path in paths.items():
                 _save_atomic(path, lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
             text = json.dumps(description, sort_keys=True, indent=4).encode("utf-8")
@@ -79,24 +112,83 @@ def load_or_build_cached(
 
 
 def build_document_index(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
-    """int64 [num_epochs * len(documents)]: each epoch a permutation of ``documents``."""
-    return np.concatenate([rng.permutation(documents) for _ in range(num_epochs)]).astype(np.int64)
+    """int64 [num_epochs * len(documents)]: each epoch a permutation of ``documents``.
+
+    Each epoch is shuffled in place in its slice of the output: ``rng.shuffle`` draws exactly what
+    ``rng.permutation`` draws, without a list of per-epoch copies to concatenate.
+    """
+    num = len(documents)
+    document_index = np.empty(num_epochs * num, dtype=np.int64)
+    for epoch in range(num_epochs):
+        epoch_documents = document_index[epoch * num : (epoch + 1) * num]
+        epoch_documents[:] = documents
+        rng.shuffle(epoch_documents)
+    return document_index
 
 
-def build_sample_index(doc_lengths: np.ndarray, seq_length: int, num_samples: int) -> np.ndarray:
+def build_sample_index(
+    document_index: np.ndarray,
+    document_lengths: np.ndarray,
+    seq_length: int,
+    num_samples: int,
+    chunk_size: int = INDEX_CHUNK,
+) -> np.ndarray:
     """int64 [num_samples + 1, 2] (document-index position, offset) where each sample starts.
 
-    ``doc_lengths`` [n] are the token counts of the document index's entries, in order. Sample ``j`` starts at
-    token ``j * seq_length`` of their concatenation and ends (inclusive) where sample ``j + 1`` starts.
+    ``document_lengths`` [all docs] are token counts by document id. Sample ``j`` starts at token
+    ``j * seq_length`` of the concatenation of the document index's documents and ends (inclusive) where
+    sample ``j + 1`` starts. Walks the document index ``chunk_size`` entries at a time.
     """
-    token_starts = np.zeros(len(doc_lengths) + 1, dtype=np.int64)  # [n + 1] first token of each entry
-    np.cumsum(doc_lengths, out=token_starts[1:])
-    positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length  # [num_samples + 1]
-    if positions[-1] >= token_starts[-1]:
-        raise ValueError(f"document index has {token_starts[-1]} tokens, {positions[-1] + 1} needed")
-    doc_positions = np.searchsorted(token_starts, positions, side="right") - 1  # skips empty documents
-    offsets = positions - token_starts[doc_positions]
-    return np.stack([doc_positions, offsets], axis=1).astype(np.int64)
+    sample_index = np.empty((num_samples + 1, 2), dtype=np.int64)
+    next_sample, tokens_before = 0, 0  # first sample not yet placed; tokens before the chunk
+    for begin in range(0, len(document_index), chunk_size):
+        lengths = document_lengths[document_index[begin : begin + chunk_size]]  # [c]
+        token_starts = np.empty(len(lengths) + 1, dtype=np.int64)  # [c + 1] first token of each entry
+        token_starts[0] = tokens_before
+        np.cumsum(lengths, dtype=np.int64, out=token_starts[1:])
+        token_starts[1:] += tokens_before
+        tokens_before = int(token_starts[-1])
+        end_sample = min(num_samples + 1, -(-tokens_before // seq_length))  # samples starting in this chunk
+        if end_sample > next_sample:
+            positions = np.arange(next_sample, end_sample, dtype=np.int64) * seq_length
+            entries = np.searchsorted(token_starts, positions, side="right") - 1  # skips empty documents
+            sample_index[next_sample:end_sample, 1] = positions - token_starts[entries]
+            sample_index[next_sample:end_sample, 0] = entries + begin
+            next_sample = end_sample
+        if next_sample == num_samples + 1:
+            return sample_index
+    raise ValueError(f"document index has {tokens_before} tokens, {num_samples * seq_length + 1} needed")
+
+
+def count_tokens(document_lengths: np.ndarray, document_ids: np.ndarray, chunk_size: int = INDEX_CHUNK) -> int:
+    """Total length of the documents ``document_ids`` (gathered a chunk at a time)."""
+    return sum(
+        int(document_lengths[document_ids[k : k + chunk_size]].sum(dtype=np.int64))
+        for k in range(0, len(document_ids), chunk_size)
+    )
+
+
+def build_gpt_indices(
+    document_ids: np.ndarray,
+    document_lengths: np.ndarray,
+    tokens_per_epoch: int,
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Document, sample and shuffle indices (see the module docstring) from the seed.
+
+    ``document_lengths`` [all docs] are token counts by document id; ``tokens_per_epoch`` is
+    ``count_tokens(document_lengths, document_ids)``.
+    """
+    tokens_needed = num_samples * seq_length + 1  # consecutive samples share one token
+    num_epochs = -(-tokens_needed // tokens_per_epoch)
+    rng = np.random.RandomState(seed)
+    document_index = build_document_index(document_ids, num_epochs, rng)
+    sample_index = build_sample_index(document_index, document_lengths, seq_length, num_samples)
+    shuffle_index = np.arange(num_samples, dtype=np.int64)
+    rng.shuffle(shuffle_index)  # the draws of rng.permutation(num_samples)
+    return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
 
 class GPTDataset:
@@ -134,12 +226,13 @@ class GPTDataset:
             "class": type(self).__name__,
             "arrays": ["document_index", "sample_index", "shuffle_index"],
             "path_prefix": os.path.abspath(prefix),
+            "data": indexed_dataset.fingerprint,  # regenerated data at the same prefix gets new indices
             "split": name,
             "documents": {
                 "count": len(self.document_ids),
                 "first": int(self.document_ids[0]),
                 "last": int(self.document_ids[-1]),
-                "md5": hashlib.md5(self.document_ids.tobytes()).hexdigest(),
+                "md5": hashlib.md5(np.ascontiguousarray(self.document_ids)).hexdigest(),
             },
             "tokens_per_epoch": tokens_per_epoch,
             "num_samples": self.num_samples,
@@ -166,7 +259,7 @@ class GPTDataset:
         num_docs = len(self._doc_lengths)
         if self.document_ids.min() < 0 or self.document_ids.max() >= num_docs:
             raise ValueError(f"{prefix} split '{self.name}': document ids outside [0, {num_docs})")
-        tokens = int(self._doc_lengths[self.document_ids].sum())
+        tokens = count_tokens(self._doc_lengths, self.document_ids)
         if tokens == 0:
             raise ValueError(
                 f"{prefix} split '{self.name}' has {len(self.document_ids)} documents but 0 tokens"
@@ -175,19 +268,9 @@ class GPTDataset:
 
     def _build_indices(self, tokens_per_epoch: int) -> dict[str, np.ndarray]:
         """Document, sample and shuffle indices from the seed."""
-        tokens_needed = self.num_samples * self.seq_length + 1  # consecutive samples share one token
-        num_epochs = -(-tokens_needed // tokens_per_epoch)
-        rng = np.random.RandomState(self.seed)
-        document_index = build_document_index(self.document_ids, num_epochs, rng)
-        sample_index = build_sample_index(
-            self._doc_lengths[document_index], self.seq_length, self.num_samples
+        return build_gpt_indices(
+            self.document_ids, self._doc_lengths, tokens_per_epoch, self.num_samples, self.seq_length, self.seed
         )
-        shuffle_index = rng.permutation(self.num_samples).astype(np.int64)
-        return {
-            "document_index": document_index,
-            "sample_index": sample_index,
-            "shuffle_index": shuffle_index,
-        }
 
     def __len__(self) -> int:
         return self.num_samples

@@ -24,6 +24,8 @@ byte-identical) when its recorded sizes and mtimes match the files, else by one 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import struct
@@ -48,6 +50,7 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
     8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(dtype): code for code, dtype in DTYPE_CODES.items()}
+CHUNK = 1 << 18  # entries per step when validating or deriving per-document arrays (bounded temporaries)
 
 
 def best_fitting_dtype(vocab_size: int | None) -> type[np.generic]:
@@ -144,7 +147,7 @@ class _Index:
     def _check_document_indices(self, num_sequences: int) -> None:
         """Document indices must start at 0, never decrease and end at the sequence count."""
         docs = self.document_indices
-        if docs.size == 0 or docs[0] != 0 or docs[-1] != num_sequences or np.any(np.diff(docs) < 0):
+        if docs.size == 0 or docs[0] != 0 or docs[-1] != num_sequences or np.any(docs[1:] < docs[:-1]):
             first_last = (int(docs[0]), int(docs[-1])) if docs.size else None
             raise ValueError(
                 f"{self.path}: invalid document_indices (first, last) = {first_last}: expected a "
@@ -175,14 +178,17 @@ class IndexedDataset:
                 f"{self._bin_path}: size {actual} bytes does not match sequence_lengths in "
                 f"{self._index.path} ({expected} bytes = {expected // itemsize} tokens x {itemsize})"
             )
-        if len(lengths) and (
-            np.any(lengths < 0)
-            or np.any(pointers < 0)
-            or np.any(pointers + lengths.astype(np.int64) * itemsize > actual)
-        ):
-            raise ValueError(
-                f"{self._index.path}: sequence_pointers/sequence_lengths point outside {self._bin_path}"
-            )
+        for begin in range(0, len(lengths), CHUNK):  # in chunks: no int64 copies of all lengths
+            chunk_lengths = lengths[begin : begin + CHUNK].astype(np.int64)
+            chunk_pointers = pointers[begin : begin + CHUNK]
+            if (
+                np.any(chunk_lengths < 0)
+                or np.any(chunk_pointers < 0)
+                or np.any(chunk_pointers + chunk_lengths * itemsize > actual)
+            ):
+                raise ValueError(
+                    f"{self._index.path}: sequence_pointers/sequence_lengths point outside {self._bin_path}"
+                )
 
     @property
     def dtype(self) -> type[np.generic]:
@@ -209,12 +215,23 @@ class IndexedDataset:
         """Number of documents (``len(document_indices) - 1``)."""
         return len(self.document_indices) - 1
 
-    @property
+    @functools.cached_property
     def document_lengths(self) -> np.ndarray:
-        """int64 [docs] tokens per document (the sum of its sequences' lengths)."""
-        token_starts = np.zeros(len(self) + 1, dtype=np.int64)  # [S + 1] first token of each sequence
-        np.cumsum(self.sequence_lengths, out=token_starts[1:])
-        return np.diff(token_starts[self.document_indices])
+        """int64 [docs] tokens per document (the sum of its sequences' lengths); computed once, read-only."""
+        lengths = document_lengths(self.sequence_lengths, self.document_indices)
+        lengths.flags.writeable = False
+        return lengths
+
+    @functools.cached_property
+    def fingerprint(self) -> dict:
+        """What identifies the data: md5 of ``document_lengths`` and the ``.bin`` size in bytes.
+
+        Index caches are keyed on it, so data regenerated at the same prefix never reuses stale indices.
+        """
+        return {
+            "document_lengths_md5": hashlib.md5(self.document_lengths).hexdigest(),
+            "bin_bytes": int(self._bin.size),
+        }
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -252,6 +269,23 @@ class IndexedDataset:
         if offset < 0 or end > len(tokens) or end < offset:
             raise IndexError(f"slice [{offset}, {end}) outside document {doc} of length {len(tokens)}")
         return tokens[offset:end]
+
+
+def document_lengths(sequence_lengths: np.ndarray, document_indices: np.ndarray) -> np.ndarray:
+    """int64 [docs] tokens per document from the ``.idx`` arrays, ``CHUNK`` documents at a time.
+
+    Temporaries are the cumulative lengths of one chunk's sequences, not of all sequences.
+    """
+    num_docs = len(document_indices) - 1
+    lengths = np.empty(num_docs, dtype=np.int64)
+    for begin in range(0, num_docs, CHUNK):
+        bounds = document_indices[begin : begin + CHUNK + 1]  # [c + 1] first sequence of each document
+        first, last = int(bounds[0]), int(bounds[-1])
+        token_starts = np.zeros(last - first + 1, dtype=np.int64)  # first token of each sequence, from `first`
+        np.cumsum(sequence_lengths[first:last], dtype=np.int64, out=token_starts[1:])
+        starts = token_starts[bounds - first]  # [c + 1] first token of each document
+        np.subtract(starts[1:], starts[:-1], out=lengths[begin : begin + len(bounds) - 1])
+    return lengths
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@
 
 import sys
 
+from megatron_eff.training.trainer import pretrain
+
 from megatron_eff.arguments import config_from_args, parse_args
+from megatron_eff.launch import check_launch
 from megatron_eff.parallel.state import shutdown_distributed
-from megatron_eff.training.loop import pretrain
 
 
 def tokenizer_vocab_size(args) -> int | None:
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # every config error surfaces here, before any process-group work (under torchrun: on every rank)
         config = config_from_args(args, tokenizer_vocab_size(args))
-        config.check_launch()
+        check_launch(config)
     except (ValueError, FileNotFoundError) as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2

@@ -31,8 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eff.arguments import config_from_args, parse_args  # noqa: E402
-from megatron_eff.training import hooks as hooks_lib  # noqa: E402
-from megatron_eff.training import loop  # noqa: E402
+from megatron_eff.training.trainer import Trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAINS = ("shakespeare", "milton", "britannica")
@@ -83,29 +82,19 @@ def train(args, tokenizer: str, blend: list[str], extra: list[str]) -> tuple[flo
         "--log-interval", str(max(1, args.iters // 10)), "--eval-interval", str(args.iters),
         "--eval-iters", str(args.eval_iters), *extra,
     ]
-    captured = {}
-    real = hooks_lib.build_method_hooks
-
-    def capture(*a, **k):
-        captured["hooks"] = real(*a, **k)
-        return captured["hooks"]
-
-    loop.build_method_hooks = capture
     start = time.time()
-    try:
-        result = loop.pretrain(config_from_args(parse_args(flags)))
-    finally:
-        loop.build_method_hooks = real
-    hooks = captured["hooks"].hooks[0] if captured["hooks"] else None
-    return result.valid_losses[args.iters], hooks, time.time() - start
+    trainer = Trainer(config_from_args(parse_args(flags)))
+    result = trainer.train()
+    return result.valid_losses[args.iters], trainer.methods.get("mst"), time.time() - start
 
 
 def paper_scale_estimate(iters: int = 6000, **mst_flags) -> float:
     """MST's training-FLOP reduction for GPT-2 124M (seq 1024) by our accounting, with every layer at its
     scheduled density (no training run: the schedule, ER densities and update iterations only)."""
-    from megatron_eff.config import MODEL_PRESETS, ModelConfig, MSTConfig
-    from megatron_eff.sparsity import mst as mst_lib
-    from megatron_eff.sparsity.attention_patterns import attention_pattern, pattern_density
+    from megatron_eff.config import MODEL_PRESETS, ModelConfig
+    from megatron_eff.methods.mst import method as mst_lib
+    from megatron_eff.methods.mst.attention_patterns import attention_pattern, pattern_density
+    from megatron_eff.methods.mst.config import MSTConfig
     from megatron_eff.training import flops
 
     config = ModelConfig(**{**MODEL_PRESETS["gpt2-124m"], "add_bias_linear": False})

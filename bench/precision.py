@@ -64,7 +64,7 @@ def run_cpu(steps: int) -> None:
 
 def run_gpu(args) -> None:
     from megatron_eff.arguments import config_from_args, parse_args
-    from megatron_eff.training import loop
+    from megatron_eff.training.trainer import Trainer
 
     te = args.fp8_gemm == "te"
     base = ["--model-preset", args.preset, "--mock-data", "--bf16",
@@ -77,7 +77,9 @@ def run_gpu(args) -> None:
     finals = {}
     for name, flags in variants.items():
         times, last = [], [time.perf_counter()]
-        real_step = loop.train_step
+        config = config_from_args(parse_args([*base, *flags]))
+        trainer = Trainer(config)
+        real_step = trainer.train_step
 
         def timed_step(*a, real_step=real_step, times=times, last=last, **k):
             import torch
@@ -89,12 +91,8 @@ def run_gpu(args) -> None:
             last[0] = now
             return result
 
-        loop.train_step = timed_step
-        try:
-            config = config_from_args(parse_args([*base, *flags]))
-            result = loop.pretrain(config)
-        finally:
-            loop.train_step = real_step
+        trainer.train_step = timed_step
+        result = trainer.train()
         tokens = config.train.resolved_global_batch_size(1) * config.model.seq_length
         finals[name] = sum(result.losses[-10:]) / 10
         print(f"{name:28s} final loss {finals[name]:.4f} (gap to bf16 {finals[name] / finals['bf16'] - 1:+.2%}) "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_eff.sparsity.attention_patterns import (  # noqa: E402
+from megatron_eff.methods.mst.attention_patterns import (  # noqa: E402
     PATTERNS,
     attention_pattern,
     pattern_density,

@@ -15,13 +15,13 @@ from megatron_eff.config import (
     DataConfig,
     LoggingConfig,
     ModelConfig,
-    MSTConfig,
     OptimizerConfig,
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
 )
 from megatron_eff.data.tokenizer import NullTokenizer
+from megatron_eff.methods import add_method_arguments, method_configs_from_args
 
 # dest -> (ModelConfig field). Flags whose dest equals the field are listed by name.
 _MODEL_FIELDS = [
@@ -99,6 +99,9 @@ def _training_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16", action="store_true", help="FP16 autocast, FP32 master weights")
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many consecutive NaN/inf losses or grad norms (each is skipped)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="average the loss over all tokens of the global batch (when loss masks make micro-batches "
+                        "count different numbers of tokens) instead of the mean of micro-batch token means")
 
 
 def _data_group(parser: argparse.ArgumentParser) -> None:
@@ -133,59 +136,6 @@ def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-interval", type=int, help="exit after the iteration divisible by this")
     g.add_argument("--exit-duration-in-mins", type=float)
     g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save, then exit")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
-
-
-def _mst_group(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("MST: mixed sparsity training (METHODS.md section 1)")
-    g.add_argument("--mst", action="store_true", help="train with MST: warm-up, ultra-sparse, restoration phases")
-    g.add_argument("--mst-phase-iters", type=_int_list, metavar="WARM,ULTRA,RESTORE",
-                   help="phase lengths in iterations (default: --mst-phase-fractions of --train-iters)")
-    g.add_argument("--mst-phase-fractions", type=_float_list, default=(0.25, 0.5, 0.25),
-                   metavar="WARM,ULTRA,RESTORE", help="phase lengths as fractions of --train-iters")
-    g.add_argument("--mst-max-sparsity", type=float, default=0.9, help="sparsity of the ultra-sparse phase")
-    g.add_argument("--mst-schedule", choices=["staircase", "linear", "cubic"], default="staircase",
-                   help="shape of the sparsity ramps of warm-up and restoration")
-    g.add_argument("--mst-schedule-steps", type=int, default=4, help="stairs per ramp (staircase schedule)")
-    g.add_argument("--mst-update-interval", type=int, default=100,
-                   help="iterations between topology updates (capped to a quarter of the shortest phase)")
-    g.add_argument("--mst-drop-fraction", type=float, default=0.3,
-                   help="zeta: fraction of active weights dropped, cosine-decayed over the run")
-    g.add_argument("--mst-grow-grad-random-ratio", type=float, default=3.0,
-                   help="r: r/(r+1) of the grown weights by gradient, the rest at random")
-    g.add_argument("--mst-distribution", choices=["er", "uniform"], default="er",
-                   help="per-layer density: Erdos-Renyi or the same for every layer")
-    g.add_argument("--mst-sparsify-head", action="store_true", help="also sparsify the output layer (tied: embedding)")
-    g.add_argument("--mst-reset-optimizer-state", action=argparse.BooleanOptionalAction, default=True,
-                   help="zero the AdamW moments of inactive and newly grown weights")
-    g.add_argument("--mst-hsa-pattern", choices=["none", "local", "strided", "sparse", "fixed"], default="sparse",
-                   help="hybrid sparse attention pattern inside its window (none: always dense causal)")
-    g.add_argument("--mst-hsa-window", type=int, help="pattern width/stride w (default: --seq-length / 8)")
-    g.add_argument("--mst-hsa-iters", type=_int_list, metavar="START,END",
-                   help="iterations [START, END) with sparse attention (default: the ultra-sparse phase)")
-    g.add_argument("--mst-hsa-layers", type=_int_list, metavar="I,J,...",
-                   help="global layer indices that use sparse attention (default: all)")
-    g.add_argument("--mst-hsa-impl", choices=["factorized", "mask"], default="factorized",
-                   help="factorized: compute only the pattern's scores; mask: SDPA with a boolean mask (reference)")
-
-
-def mst_config_from_args(args: argparse.Namespace) -> MSTConfig:
-    return MSTConfig(
-        enabled=args.mst, phase_iters=args.mst_phase_iters, phase_fractions=args.mst_phase_fractions,
-        max_sparsity=args.mst_max_sparsity, schedule=args.mst_schedule, schedule_steps=args.mst_schedule_steps,
-        update_interval=args.mst_update_interval, drop_fraction=args.mst_drop_fraction,
-        grow_grad_random_ratio=args.mst_grow_grad_random_ratio, distribution=args.mst_distribution,
-        sparsify_head=args.mst_sparsify_head, reset_optimizer_state=args.mst_reset_optimizer_state,
-        hsa_pattern=args.mst_hsa_pattern, hsa_window=args.mst_hsa_window, hsa_iters=args.mst_hsa_iters,
-        hsa_layers=args.mst_hsa_layers, hsa_impl=args.mst_hsa_impl,
-    )
 
 
 def _precision_group(parser: argparse.ArgumentParser) -> None:
@@ -234,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (_model_group, _parallel_group, _training_group, _data_group, _checkpoint_logging_group,
-                _mst_group, _precision_group):
+                _precision_group, add_method_arguments):
         add(parser)
     return parser
 
@@ -283,7 +233,8 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
             train_iters=args.train_iters, seed=args.seed, bf16=args.bf16, fp16=args.fp16,
             eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
-            max_bad_steps=args.max_bad_steps, exit_interval=args.exit_interval,
+            max_bad_steps=args.max_bad_steps, calculate_per_token_loss=args.calculate_per_token_loss,
+            exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins, exit_signal_handler=args.exit_signal_handler,
         ),
         data=DataConfig(
@@ -296,7 +247,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops),
-        mst=mst_config_from_args(args),
+        methods=method_configs_from_args(args),
         precision=precision_config_from_args(args),
     )
 

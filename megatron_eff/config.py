@@ -1,18 +1,20 @@
 """Typed configuration: one small dataclass per concern, validated in `__post_init__`.
 
-`arguments.py` is the only place that knows argparse; it fills these dataclasses. Every validation error
+A leaf module: it imports nothing else from megatron_eff. `arguments.py` (and each method package's
+`add_arguments`) are the only places that know argparse; they fill these dataclasses. Every validation error
 names the command-line flag and the offending value, so a bad run fails before any process-group work.
+Checks that need the world size or the file system are `megatron_eff/launch.py`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """ValueError(message) unless `condition`: config validation's one way to fail."""
     if not condition:
         raise ValueError(message)
 
@@ -44,16 +46,16 @@ class ModelConfig:
     transformer_impl: str = "local"
 
     def __post_init__(self) -> None:
-        _require(self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}")
-        _require(self.hidden_size > 0, f"--hidden-size must be positive, got {self.hidden_size}")
-        _require(
+        require(self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}")
+        require(self.hidden_size > 0, f"--hidden-size must be positive, got {self.hidden_size}")
+        require(
             self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0,
             f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
             f"{self.num_attention_heads}",
         )
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
-        _require(
+        require(
             0 < self.num_query_groups <= self.num_attention_heads
             and self.num_attention_heads % self.num_query_groups == 0,
             f"--num-query-groups {self.num_query_groups} must divide --num-attention-heads "
@@ -64,35 +66,35 @@ class ModelConfig:
                 self.ffn_hidden_size = 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
             else:
                 self.ffn_hidden_size = 4 * self.hidden_size
-        _require(self.ffn_hidden_size > 0, f"--ffn-hidden-size must be positive, got {self.ffn_hidden_size}")
+        require(self.ffn_hidden_size > 0, f"--ffn-hidden-size must be positive, got {self.ffn_hidden_size}")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
-        _require(self.seq_length > 0, f"--seq-length must be positive, got {self.seq_length}")
-        _require(
+        require(self.seq_length > 0, f"--seq-length must be positive, got {self.seq_length}")
+        require(
             self.position_embedding_type in ("learned_absolute", "rope"),
             f"--position-embedding-type must be learned_absolute or rope, got {self.position_embedding_type!r}",
         )
         if self.position_embedding_type == "learned_absolute":
-            _require(
+            require(
                 self.seq_length <= self.max_position_embeddings,
                 f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
                 f"{self.max_position_embeddings}",
             )
         if self.position_embedding_type == "rope":
-            _require(self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}")
-        _require(
+            require(self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}")
+        require(
             self.normalization in ("LayerNorm", "RMSNorm"),
             f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}",
         )
-        _require(self.vocab_size > 0, f"--vocab-size must be positive, got {self.vocab_size}")
-        _require(
+        require(self.vocab_size > 0, f"--vocab-size must be positive, got {self.vocab_size}")
+        require(
             self.make_vocab_size_divisible_by > 0,
             f"--make-vocab-size-divisible-by must be positive, got {self.make_vocab_size_divisible_by}",
         )
         for name in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-        _require(
+            require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        require(
             self.transformer_impl in ("local", "transformer_engine"),
             f"--transformer-impl must be local or transformer_engine, got {self.transformer_impl!r}",
         )
@@ -164,27 +166,27 @@ class ParallelConfig:
     ddp_bucket_size: int = 40_000_000  # elements per data-parallel gradient bucket (Megatron's default)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.tensor_model_parallel_size >= 1,
             f"--tensor-model-parallel-size must be >= 1, got {self.tensor_model_parallel_size}",
         )
-        _require(
+        require(
             self.pipeline_model_parallel_size >= 1,
             f"--pipeline-model-parallel-size must be >= 1, got {self.pipeline_model_parallel_size}",
         )
-        _require(
+        require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
         )
-        _require(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
-        _require(
+        require(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
+        require(
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "--overlap-param-gather needs --use-distributed-optimizer",
         )
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        _require(
+        require(
             world_size % model_parallel == 0,
             f"world size {world_size} is not divisible by --tensor-model-parallel-size "
             f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
@@ -195,33 +197,33 @@ class ParallelConfig:
     def check_model(self, model: ModelConfig) -> None:
         """Divisibility rules between the parallel layout and the model shape."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _require(
+        require(
             model.num_attention_heads % tp == 0,
             f"--num-attention-heads {model.num_attention_heads} is not divisible by "
             f"--tensor-model-parallel-size {tp}",
         )
-        _require(
+        require(
             model.num_query_groups % tp == 0,
             f"--num-query-groups {model.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}",
         )
-        _require(
+        require(
             model.ffn_hidden_size % tp == 0,
             f"--ffn-hidden-size {model.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}",
         )
         vpp = self.num_layers_per_virtual_pipeline_stage
-        _require(
+        require(
             not vpp or pp > 1,
             f"--num-layers-per-virtual-pipeline-stage {vpp} needs --pipeline-model-parallel-size > 1",
         )
         layers_per_chunk = vpp if vpp else model.num_layers // pp
         chunks = pp * (model.num_layers // (pp * vpp) if vpp else 1)
-        _require(
+        require(
             model.num_layers % pp == 0 and layers_per_chunk * chunks == model.num_layers,
             f"--num-layers {model.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
             + (f" x --num-layers-per-virtual-pipeline-stage {vpp}" if vpp else ""),
         )
         if self.sequence_parallel:
-            _require(
+            require(
                 model.seq_length % tp == 0,
                 f"--seq-length {model.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                 "(needed by --sequence-parallel)",
@@ -242,17 +244,17 @@ class OptimizerConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        _require(
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        require(
             self.lr_decay_style in ("cosine", "linear", "constant"),
             f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}",
         )
-        _require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
-        _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}")
-        _require(0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
-        _require(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables), got {self.clip_grad}")
+        require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {self.adam_beta1}")
+        require(0 <= self.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
+        require(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables), got {self.clip_grad}")
 
 
 @dataclass
@@ -267,25 +269,26 @@ class TrainConfig:
     eval_iters: int = 10
     log_interval: int = 10
     max_bad_steps: int = 10  # NaN/inf losses or grad norms in a row before a hard stop
+    calculate_per_token_loss: bool = False  # global token mean instead of the mean of micro-batch means
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}")
-        _require(self.train_iters > 0, f"--train-iters must be positive, got {self.train_iters}")
-        _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
-        _require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
-        _require(self.eval_interval > 0, f"--eval-interval must be positive, got {self.eval_interval}")
-        _require(self.eval_iters >= 0, f"--eval-iters must be >= 0, got {self.eval_iters}")
+        require(self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}")
+        require(self.train_iters > 0, f"--train-iters must be positive, got {self.train_iters}")
+        require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
+        require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
+        require(self.eval_interval > 0, f"--eval-interval must be positive, got {self.eval_interval}")
+        require(self.eval_iters >= 0, f"--eval-iters must be >= 0, got {self.eval_iters}")
         if self.global_batch_size is not None:
-            _require(self.global_batch_size > 0, f"--global-batch-size must be positive, got {self.global_batch_size}")
+            require(self.global_batch_size > 0, f"--global-batch-size must be positive, got {self.global_batch_size}")
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         """Gradient-accumulation steps per iteration on each data-parallel rank."""
         gbs = self.global_batch_size or self.micro_batch_size * data_parallel_size
         per_step = self.micro_batch_size * data_parallel_size
-        _require(
+        require(
             gbs % per_step == 0,
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {self.micro_batch_size} x "
             f"data-parallel size {data_parallel_size}",
@@ -309,8 +312,8 @@ class DataConfig:
     mock_data: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        _require(
+        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        require(
             self.mock_data or bool(self.data_path),
             "--data-path is required (or --mock-data for synthetic tokens)",
         )
@@ -327,8 +330,8 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.save_interval is not None:
-            _require(self.save_interval > 0, f"--save-interval must be positive, got {self.save_interval}")
-            _require(self.save is not None, "--save-interval needs --save DIR")
+            require(self.save_interval > 0, f"--save-interval must be positive, got {self.save_interval}")
+            require(self.save is not None, "--save-interval needs --save DIR")
 
 
 @dataclass
@@ -336,97 +339,6 @@ class LoggingConfig:
     tensorboard_dir: str | None = None
     log_throughput: bool = True
     peak_tflops: float | None = None  # per device, for MFU; default: guessed from the device
-
-
-@dataclass
-class MSTConfig:
-    """Mixed Sparsity Training (`--mst-*`; METHODS.md section 1). Phases are given as iterations
-    (`phase_iters`) or as fractions of `--train-iters` (`phase_fractions`); `megatron_eff.sparsity.mst`
-    resolves them against the run length."""
-
-    enabled: bool = False
-    phase_iters: tuple[int, int, int] | None = None  # warm-up, ultra-sparse, restoration
-    phase_fractions: tuple[float, float, float] = (0.25, 0.5, 0.25)
-    max_sparsity: float = 0.9
-    schedule: str = "staircase"  # staircase | linear | cubic
-    schedule_steps: int = 4  # stairs per ramp (staircase)
-    update_interval: int = 100
-    drop_fraction: float = 0.3
-    grow_grad_random_ratio: float = 3.0
-    distribution: str = "er"  # er | uniform
-    sparsify_head: bool = False
-    reset_optimizer_state: bool = True
-    hsa_pattern: str = "sparse"  # none | local | strided | sparse | fixed
-    hsa_window: int | None = None  # default: seq_length // 8 (128 at 1024)
-    hsa_iters: tuple[int, int] | None = None  # [start, end) iterations; default: the ultra-sparse phase
-    hsa_layers: tuple[int, ...] | None = None  # global layer indices; default: all
-    hsa_impl: str = "factorized"  # factorized (only the pattern's scores) | mask (SDPA + boolean mask)
-
-    def __post_init__(self) -> None:
-        if self.phase_iters is not None:
-            _require(
-                len(self.phase_iters) == 3 and all(n >= 0 for n in self.phase_iters),
-                f"--mst-phase-iters needs three non-negative iteration counts WARM,ULTRA,RESTORE, got "
-                f"{self.phase_iters}",
-            )
-        _require(
-            len(self.phase_fractions) == 3 and all(f >= 0 for f in self.phase_fractions)
-            and sum(self.phase_fractions) <= 1 + 1e-9,
-            f"--mst-phase-fractions needs three fractions >= 0 summing to <= 1, got {self.phase_fractions}",
-        )
-        _require(0 <= self.max_sparsity < 1, f"--mst-max-sparsity must be in [0, 1), got {self.max_sparsity}")
-        _require(
-            self.schedule in ("staircase", "linear", "cubic"),
-            f"--mst-schedule must be staircase, linear or cubic, got {self.schedule!r}",
-        )
-        _require(self.schedule_steps >= 1, f"--mst-schedule-steps must be >= 1, got {self.schedule_steps}")
-        _require(self.update_interval >= 1, f"--mst-update-interval must be >= 1, got {self.update_interval}")
-        _require(0 <= self.drop_fraction < 1, f"--mst-drop-fraction must be in [0, 1), got {self.drop_fraction}")
-        _require(
-            self.grow_grad_random_ratio >= 0,
-            f"--mst-grow-grad-random-ratio must be >= 0, got {self.grow_grad_random_ratio}",
-        )
-        _require(
-            self.distribution in ("er", "uniform"),
-            f"--mst-distribution must be er or uniform, got {self.distribution!r}",
-        )
-        _require(
-            self.hsa_pattern in ("none", "local", "strided", "sparse", "fixed"),
-            f"--mst-hsa-pattern must be none, local, strided, sparse or fixed, got {self.hsa_pattern!r}",
-        )
-        _require(
-            self.hsa_impl in ("factorized", "mask"), f"--mst-hsa-impl must be factorized or mask, got {self.hsa_impl!r}"
-        )
-        if self.hsa_window is not None:
-            _require(self.hsa_window >= 1, f"--mst-hsa-window must be >= 1, got {self.hsa_window}")
-        if self.hsa_iters is not None:
-            _require(
-                len(self.hsa_iters) == 2 and 0 <= self.hsa_iters[0] <= self.hsa_iters[1],
-                f"--mst-hsa-iters needs START,END with 0 <= START <= END, got {self.hsa_iters}",
-            )
-
-    def check_run(self, model: ModelConfig, train: TrainConfig) -> None:
-        """Rules that need the model shape and the run length."""
-        if not self.enabled:
-            return
-        if self.phase_iters is not None:
-            _require(
-                sum(self.phase_iters) <= train.train_iters,
-                f"--mst-phase-iters {','.join(map(str, self.phase_iters))} sums to more than --train-iters "
-                f"{train.train_iters}",
-            )
-        window = self.hsa_window or max(1, model.seq_length // 8)
-        if self.hsa_pattern == "fixed":
-            _require(
-                model.seq_length % window == 0,
-                f"--mst-hsa-pattern fixed needs --seq-length {model.seq_length} divisible by --mst-hsa-window "
-                f"{window}",
-            )
-        for layer in self.hsa_layers or ():
-            _require(
-                0 <= layer < model.num_layers,
-                f"--mst-hsa-layers: layer {layer} is not in [0, --num-layers {model.num_layers})",
-            )
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -456,37 +368,37 @@ class PrecisionConfig:
     unit_scaling_residual_tau_mlp: float = 0.5
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.fp8_format is None or self.fp8_format in FP8_FORMATS,
             f"--fp8-format must be one of {', '.join(FP8_FORMATS)}, got {self.fp8_format!r}",
         )
-        _require(
+        require(
             self.fp8_recipe in FP8_RECIPES,
             f"--fp8-recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}",
         )
-        _require(self.fp8_amax_history_len >= 1,
+        require(self.fp8_amax_history_len >= 1,
                  f"--fp8-amax-history-len must be >= 1, got {self.fp8_amax_history_len}")
-        _require(
+        require(
             self.fp8_amax_compute_algo in ("max", "most_recent"),
             f"--fp8-amax-compute-algo must be max or most_recent, got {self.fp8_amax_compute_algo!r}",
         )
-        _require(self.fp8_margin >= 0, f"--fp8-margin must be >= 0, got {self.fp8_margin}")
-        _require(self.fp8_gemm in ("emulate", "scaled_mm"),
+        require(self.fp8_margin >= 0, f"--fp8-margin must be >= 0, got {self.fp8_margin}")
+        require(self.fp8_gemm in ("emulate", "scaled_mm"),
                  f"--fp8-gemm must be emulate or scaled_mm, got {self.fp8_gemm!r}")
-        _require(self.fp8_gemm == "emulate" or self.fp8, "--fp8-gemm scaled_mm needs --fp8-format")
-        _require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise"),
+        require(self.fp8_gemm == "emulate" or self.fp8, "--fp8-gemm scaled_mm needs --fp8-format")
+        require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise"),
                  f"--fp8-gemm scaled_mm supports the per-tensor recipes (--fp8-recipe delayed or tensorwise), "
                  f"got --fp8-recipe {self.fp8_recipe}")
-        _require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
-        _require(self.loss_scale is None or self.loss_scale > 0,
+        require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
+        require(self.loss_scale is None or self.loss_scale > 0,
                  f"--loss-scale must be positive, got {self.loss_scale}")
-        _require(self.initial_loss_scale > 0, f"--initial-loss-scale must be positive, got {self.initial_loss_scale}")
-        _require(self.loss_scale_window >= 1, f"--loss-scale-window must be >= 1, got {self.loss_scale_window}")
-        _require(self.min_loss_scale > 0, f"--min-loss-scale must be positive, got {self.min_loss_scale}")
-        _require(self.hysteresis >= 1, f"--hysteresis must be >= 1, got {self.hysteresis}")
+        require(self.initial_loss_scale > 0, f"--initial-loss-scale must be positive, got {self.initial_loss_scale}")
+        require(self.loss_scale_window >= 1, f"--loss-scale-window must be >= 1, got {self.loss_scale_window}")
+        require(self.min_loss_scale > 0, f"--min-loss-scale must be positive, got {self.min_loss_scale}")
+        require(self.hysteresis >= 1, f"--hysteresis must be >= 1, got {self.hysteresis}")
         for name in ("unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp"):
             tau = getattr(self, name)
-            _require(0.0 < tau < 1.0, f"--{name.replace('_', '-')} must be in (0, 1), got {tau}")
+            require(0.0 < tau < 1.0, f"--{name.replace('_', '-')} must be in (0, 1), got {tau}")
 
     @property
     def fp8(self) -> bool:
@@ -494,20 +406,20 @@ class PrecisionConfig:
 
     def check_run(self, model: ModelConfig, train: TrainConfig, tensor_parallel_size: int) -> None:
         """Rules between precision flags and the rest of the run."""
-        _require(not (self.fp8 and train.fp16),
+        require(not (self.fp8 and train.fp16),
                  "--fp8-format runs its non-FP8 ops in BF16 or FP32: use --bf16 (or neither), not --fp16")
-        _require(self.loss_scale is None or train.fp16, "--loss-scale needs --fp16")
-        _require(self.fp8_gemm == "emulate" or model.transformer_impl == "local",
+        require(self.loss_scale is None or train.fp16, "--loss-scale needs --fp16")
+        require(self.fp8_gemm == "emulate" or model.transformer_impl == "local",
                  "--fp8-gemm scaled_mm is for --transformer-impl local (Transformer Engine runs its own FP8 GEMMs)")
         if self.fp8_gemm == "scaled_mm":
             self._check_scaled_mm_sizes(model, tensor_parallel_size)
-        _require(not self.unit_scaling or model.transformer_impl == "local",
+        require(not self.unit_scaling or model.transformer_impl == "local",
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
         if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
             block = 32 if self.fp8_recipe == "mxfp8" else 128
             sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}
             for flag, size in sizes.items():
-                _require(size % block == 0, f"--fp8-recipe {self.fp8_recipe} (local emulation) needs {flag} "
+                require(size % block == 0, f"--fp8-recipe {self.fp8_recipe} (local emulation) needs {flag} "
                          f"divisible by its block size {block}, got {size}")
 
     def _check_scaled_mm_sizes(self, model: ModelConfig, tp: int) -> None:
@@ -524,7 +436,7 @@ class PrecisionConfig:
             "linear_fc2": (h, ffn // tp),
         }
         for name, (rows, cols) in shapes.items():
-            _require(rows % 16 == 0 and cols % 16 == 0,
+            require(rows % 16 == 0 and cols % 16 == 0,
                      f"--fp8-gemm scaled_mm needs linear weights [out, in] with both sizes divisible by 16 on each "
                      f"rank (torch._scaled_mm); {name} has [{rows}, {cols}] with --hidden-size {h}, "
                      f"--ffn-hidden-size {ffn}, --num-attention-heads {nq} / --num-query-groups {g}, "
@@ -533,7 +445,9 @@ class PrecisionConfig:
 
 @dataclass
 class Config:
-    """Everything a run needs; `arguments.parse_args` builds it."""
+    """Everything a run needs; `arguments.parse_args` builds it. `methods` holds each registered training
+    method's own config dataclass by name (`megatron_eff/methods/<name>/config.py`); a method is on when its
+    config says `enabled`. World-size and file-system checks are `megatron_eff.launch.check_launch`'s."""
 
     model: ModelConfig
     parallel: ParallelConfig
@@ -542,43 +456,22 @@ class Config:
     data: DataConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
-    mst: MSTConfig = field(default_factory=MSTConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    methods: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
-        self.mst.check_run(self.model, self.train)
         self.precision.check_run(self.model, self.train, self.parallel.tensor_model_parallel_size)
+        for method in self.enabled_methods().values():
+            method.check_run(self)
 
-    def check_launch(self, world_size: int | None = None) -> int:
-        """Rules that need the world size (default: `WORLD_SIZE`, as set by torchrun) or the file system,
-        checked by the entry points before any process-group work; returns the data-parallel size."""
-        if world_size is None:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        dp = self.parallel.data_parallel_size(world_size)
-        num_micro_batches = self.train.num_micro_batches(dp)
-        if self.parallel.num_layers_per_virtual_pipeline_stage:  # (check_model: only with pp > 1)
-            from megatron_eff.parallel.pipeline import check_interleaved
+    def enabled_methods(self) -> dict[str, object]:
+        """{name: config} of the methods this run turns on, in registry order."""
+        return {name: cfg for name, cfg in self.methods.items() if getattr(cfg, "enabled", False)}
 
-            train = self.train
-            check_interleaved(num_micro_batches, self.parallel.pipeline_model_parallel_size,
-                              f"--global-batch-size {train.resolved_global_batch_size(dp)} / (--micro-batch-size "
-                              f"{train.micro_batch_size} x data-parallel size {dp}) = ")
-        if self.model.transformer_impl == "transformer_engine":
-            from megatron_eff.precision.transformer_engine import check_transformer_engine
-
-            check_transformer_engine()
-        if not self.data.mock_data:
-            from megatron_eff.data.builders import parse_data_path
-
-            parse_data_path(self.data.data_path)  # the format, and every prefix's .bin and .idx
-        if self.checkpoint.load:
-            from megatron_eff.training.checkpointing import find_checkpoint
-
-            found = find_checkpoint(self.checkpoint.load)  # a tracker naming a missing checkpoint: an error
-            if found is None and self.checkpoint.finetune:
-                raise FileNotFoundError(f"--finetune --load {self.checkpoint.load}: no checkpoint there")
-        return dp
+    def method(self, name: str):
+        """The config of method `name` (on or off); KeyError if no such method is registered."""
+        return self.methods[name]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,8 @@ import torch
 from megatron_eff.config import Config
 from megatron_eff.data.samplers import micro_batches
 from megatron_eff.parallel.state import ParallelState
-from megatron_eff.training.loop import average_loss, model_chunks, run_schedule
+from megatron_eff.training.loss import iteration_loss
+from megatron_eff.training.trainer import model_chunks, run_schedule
 
 
 class TokenWindows:
@@ -114,6 +115,6 @@ def evaluate_windows(model, windows: TokenWindows, config: Config, pstate: Paral
     losses = []
     for _ in range(num_batches):
         losses += run_schedule(model, batches, m, config, pstate, autocast, forward_only=True)
-    loss = average_loss(losses, pstate)
+    loss = iteration_loss(losses, pstate)[0]
     return EvalResult(loss, math.exp(min(loss, 100.0)), num_batches * gbs * config.model.seq_length,
                       num_batches * gbs)

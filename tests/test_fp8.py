@@ -106,13 +106,13 @@ def test_fp8_gemm_quantises_inputs_and_the_output_gradient_e5m2():
 def test_model_linears_get_fp8_and_state_goes_into_checkpoints(tmp_path):
     from megatron_eff.parallel.state import ParallelState
     from megatron_eff.precision import precision_state
-    from megatron_eff.training import loop
     from megatron_eff.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+    from megatron_eff.training.trainer import build_model
 
     flags = ["--model-preset", "llama-tiny", "--mock-data", "--fp8-format", "hybrid", "--fp8-amax-history-len", "8",
              "--first-last-layers-bf16", "--num-layers", "3"]
     config = config_from_args(parse_args(flags))
-    model = loop.build_model(config, ParallelState.single(), torch.device("cpu"))
+    model = build_model(config, ParallelState.single(), torch.device("cpu"))
     state = precision_state(model)
     assert sorted({k.split(".")[3] for k in state}) == ["1"]  # layers 0 and 2 kept out of FP8
     assert len(state) == 2 * 4  # 4 linears x (amax_history, scale)
@@ -120,7 +120,7 @@ def test_model_linears_get_fp8_and_state_goes_into_checkpoints(tmp_path):
         t.uniform_()
     params = {n: p for chunk in model for n, p in chunk.named_parameters()}
     save_checkpoint(str(tmp_path), TrainState(iteration=1), params, None, {}, {}, extra_state=state)
-    fresh = loop.build_model(config, ParallelState.single(), torch.device("cpu"))
+    fresh = build_model(config, ParallelState.single(), torch.device("cpu"))
     fresh_state = precision_state(fresh)
     load_checkpoint(str(tmp_path), {n: p for c in fresh for n, p in c.named_parameters()}, None,
                     extra_state=fresh_state)
@@ -205,14 +205,14 @@ def test_scaled_mm_bad_flags(flags, message):
 ])
 def test_scaled_mm_weight_sizes_not_divisible_by_16_fail_with_the_flags(sizes, shape):
     from megatron_eff.parallel.state import ParallelState
-    from megatron_eff.training import loop
+    from megatron_eff.training.trainer import build_model
 
     flags = ["--model-preset", "llama-tiny", "--mock-data", "--fp8-format", "hybrid", *sizes]
     with pytest.raises(ValueError, match=rf"linear_fc2 has {shape} with --hidden-size 64, --ffn-hidden-size"):
         config_from_args(parse_args([*flags, "--fp8-gemm", "scaled_mm"]))  # before any process-group work
     config_from_args(parse_args(flags))  # emulate
     default = config_from_args(parse_args(flags[:5] + ["--fp8-gemm", "scaled_mm"]))  # llama-tiny's sizes: fine
-    loop.build_model(default, ParallelState.single(), torch.device("cpu"))
+    build_model(default, ParallelState.single(), torch.device("cpu"))
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_eff.arguments import config_from_args, parse_args
-from megatron_eff.training import loop
+from megatron_eff.training import trainer as trainer_lib
 from tests.dist_utils import ROOT, TINY_FLAGS, assert_same_run, run_layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,25 +32,12 @@ def on_cuda(monkeypatch):
 
 
 def pretrain(monkeypatch, flags, device: torch.device | None = None):
-    """`loop.pretrain` in this process; returns (RunResult, model chunks, method hooks). `device` overrides
-    the run's device (the CPU reference on a GPU machine)."""
-    captured = {}
-    real_build_model, real_build_hooks = loop.build_model, loop.build_method_hooks
-
-    def build_model(config, pstate, run_device):
-        captured["model"] = real_build_model(config, pstate, run_device)
-        return captured["model"]
-
-    def build_hooks(*args, **kwargs):
-        captured["hooks"] = real_build_hooks(*args, **kwargs)
-        return captured["hooks"]
-
-    monkeypatch.setattr(loop, "build_model", build_model)
-    monkeypatch.setattr(loop, "build_method_hooks", build_hooks)
+    """A `Trainer` run in this process; returns (RunResult, model chunks, methods). `device` overrides the
+    run's device (the CPU reference on a GPU machine)."""
     if device is not None:
-        monkeypatch.setattr(loop, "device_for_run", lambda: device)
-    result = loop.pretrain(config_from_args(parse_args(flags)))
-    return result, captured["model"], captured["hooks"]
+        monkeypatch.setattr(trainer_lib, "device_for_run", lambda: device)
+    trainer = trainer_lib.Trainer(config_from_args(parse_args(flags)))
+    return trainer.train(), trainer.model, trainer.methods
 
 
 def assert_trained_on_gpu(result, model, iterations: int) -> None:
@@ -97,9 +84,9 @@ def test_gpu_run_matches_cpu_run(monkeypatch):
 def test_mst_on_gpu(monkeypatch, impl):
     flags = [*TINY, "--bf16", "--train-iters", "6", "--mst", "--mst-phase-iters", "2,2,2", "--mst-update-interval",
              "1", "--mst-hsa-window", "8", "--mst-hsa-impl", impl]
-    result, model, hooks = pretrain(monkeypatch, flags)
+    result, model, methods = pretrain(monkeypatch, flags)
     assert_trained_on_gpu(result, model, 6)
-    (mst,) = hooks.hooks
+    (mst,) = methods.methods
     assert mst.updates > 0 and mst.saved_x() > 1.0  # the run went sparse (and HSA ran) ...
     assert all(w.mask.is_cuda for w in mst.weights) and mst.hsa_mask.is_cuda
     assert all(w.mask.all() for w in mst.weights)  # ... and restoration made it dense again

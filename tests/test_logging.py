@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.training import logging as logging_lib
-from megatron_eff.training import loop
+from megatron_eff.training import trainer as trainer_lib
 from megatron_eff.training.checkpointing import TrainState
 
 TINY = ["--model-preset", "llama-tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "2",
@@ -33,14 +33,15 @@ def test_throughput_leaves_out_validation_and_saves_and_tensorboard_gets_run_sca
     # A training step takes 1 s on the fake clock, a validation or a checkpoint save 100 s.
     clock = FakeClock()
     monkeypatch.setattr(logging_lib, "_now", clock)
-    monkeypatch.setattr(loop, "train_step", clock.advancing(loop.train_step, 1.0))
-    monkeypatch.setattr(loop, "evaluate", clock.advancing(loop.evaluate, 100.0))
-    monkeypatch.setattr(loop, "save_checkpoint", clock.advancing(loop.save_checkpoint, 100.0))
+    monkeypatch.setattr(trainer_lib, "save_checkpoint", clock.advancing(trainer_lib.save_checkpoint, 100.0))
     # FP16 with a scale that overflows at first: the scale halves on each skipped step (--hysteresis 1)
     flags = [*TINY, "--train-iters", "4", "--log-interval", "2", "--eval-interval", "2", "--eval-iters", "1",
              "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--tensorboard-dir", str(tmp_path / "tb"),
              "--fp16", "--initial-loss-scale", str(2.0**30), "--hysteresis", "1", "--max-bad-steps", "100"]
-    result = loop.pretrain(config_from_args(parse_args(flags)))
+    trainer = trainer_lib.Trainer(config_from_args(parse_args(flags)))
+    trainer.train_step = clock.advancing(trainer.train_step, 1.0)
+    trainer.evaluate = clock.advancing(trainer.evaluate, 100.0)
+    result = trainer.train()
 
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()

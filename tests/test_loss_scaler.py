@@ -5,7 +5,7 @@ import torch
 
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.precision.loss_scaler import LossScaler
-from megatron_eff.training import loop
+from megatron_eff.training.trainer import Trainer
 
 
 def test_dynamic_scale_grows_after_window_and_halves_on_overflow():
@@ -46,31 +46,12 @@ def test_fp16_overflow_skips_without_hard_stop_and_scale_is_checkpointed(tmp_pat
     # not stop the run (overflows are not NaN losses)
     flags = [*TINY, "--initial-loss-scale", str(2.0**30), "--max-bad-steps", "2", "--train-iters", "24",
              "--save", str(tmp_path)]
-    captured = {}
-    real = loop.PrecisionRuntime
-
-    def capture(*args):
-        captured["p"] = real(*args)
-        return captured["p"]
-
-    loop.PrecisionRuntime = capture
-    try:
-        result = loop.pretrain(config_from_args(parse_args(flags)))
-    finally:
-        loop.PrecisionRuntime = real
-    scale = captured["p"].loss_scaler.scale
+    trainer = Trainer(config_from_args(parse_args(flags)))
+    result = trainer.train()
+    scale = trainer.precision.loss_scaler.scale
     assert 2 <= result.state.skipped_iterations < 24
     assert scale == 2.0 ** (30 - result.state.skipped_iterations)
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    resumed = {}
-
-    def capture_resumed(*args):
-        resumed["p"] = real(*args)
-        return resumed["p"]
-
-    loop.PrecisionRuntime = capture_resumed
-    try:
-        loop.pretrain(config_from_args(parse_args([*flags[:-2], "--train-iters", "24", "--load", str(tmp_path)])))
-    finally:
-        loop.PrecisionRuntime = real
-    assert resumed["p"].loss_scaler.scale == scale  # restored from the checkpoint (24 iters: no step run)
+    resumed = Trainer(config_from_args(parse_args([*flags[:-2], "--train-iters", "24", "--load", str(tmp_path)])))
+    resumed.train()
+    assert resumed.precision.loss_scaler.scale == scale  # restored from the checkpoint (24 iters: no step run)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron_eff.config import MODEL_PRESETS, ModelConfig
+from megatron_eff.methods.mst.attention_patterns import masked_sdpa
 from megatron_eff.model.backends import build_backend
 from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.model.rope import RotaryEmbedding, apply_rotary
 from megatron_eff.parallel.state import ParallelState
-from megatron_eff.sparsity.attention_patterns import masked_sdpa
 from megatron_eff.training.flops import count_parameters
 
 
@@ -290,12 +290,11 @@ def test_padded_vocabulary_columns_never_win():
 def _tensor_parallel_worker(rank: int, world: int, store: str, out: str):
     import torch.distributed as dist
 
-    from megatron_eff.config import ParallelConfig
     from megatron_eff.parallel.state import initialize_parallel_state
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     config = ModelConfig(**MIX)
-    pstate = initialize_parallel_state(ParallelConfig(tensor_model_parallel_size=world))
+    pstate = initialize_parallel_state(tp=world)
     results = {}
     for sequence_parallel in (False, True):
         model = build(config, pstate=pstate, sequence_parallel=sequence_parallel)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from megatron_eff.arguments import config_from_args, parse_args
-from megatron_eff.config import ModelConfig, MSTConfig
-from megatron_eff.sparsity import mst as mst_lib
-from megatron_eff.sparsity.attention_patterns import attention_pattern, pattern_density
-from megatron_eff.training import flops, loop
-from megatron_eff.training import hooks as hooks_lib
+from megatron_eff.config import ModelConfig
+from megatron_eff.methods.mst import method as mst_lib
+from megatron_eff.methods.mst.attention_patterns import attention_pattern, pattern_density
+from megatron_eff.methods.mst.config import MSTConfig
+from megatron_eff.training import flops
+from megatron_eff.training.trainer import Trainer
 
 # A tiny GPT with one query group per 2 heads and SwiGLU, so fused fc1 and GQA qkv are both covered.
 FLAGS = [
@@ -166,7 +167,7 @@ def test_flop_counter_matches_hand_count_on_toy_model():
 
 
 class Recorder:
-    """Checks invariants after every step of the MST hook it wraps (everything else is delegated)."""
+    """Checks invariants after every step of the MST method it wraps (everything else is delegated)."""
 
     def __init__(self, inner):
         self.inner, self.name, self.rows, self.grown_checks = inner, inner.name, [], 0
@@ -195,23 +196,17 @@ class Recorder:
         self.rows.append((it, self.inner.sparsity(), all(hsa) and any(hsa)))
 
 
-def run(monkeypatch, flags, capture=None):
-    real = hooks_lib.build_method_hooks
-
-    def build(*args, **kwargs):
-        hooks = real(*args, **kwargs)
-        if capture is not None:
-            hooks.hooks = [Recorder(h) for h in hooks.hooks]
-            capture["hooks"] = hooks.hooks[0]
-        return hooks
-
-    monkeypatch.setattr(loop, "build_method_hooks", build)
-    return loop.pretrain(config_from_args(parse_args(flags)))
+def run(flags, capture=None):
+    trainer = Trainer(config_from_args(parse_args(flags)))
+    if capture is not None:
+        trainer.methods.methods = [Recorder(m) for m in trainer.methods]
+        capture["hooks"] = trainer.methods.get("mst")
+    return trainer.train()
 
 
-def test_masks_follow_the_schedule_through_training(monkeypatch):
+def test_masks_follow_the_schedule_through_training():
     captured = {}
-    run(monkeypatch, FLAGS, captured)
+    run(FLAGS, captured)
     rec = captured["hooks"]
     sparsity = {it: s for it, s, _ in rec.rows}
     assert sparsity[8] == pytest.approx(0.9, abs=0.01)  # end of warm-up
@@ -224,12 +219,12 @@ def test_masks_follow_the_schedule_through_training(monkeypatch):
     assert rec.inner.saved_x() > 1.2
 
 
-def test_resume_mid_phase_matches_straight_run(monkeypatch, tmp_path):
+def test_resume_mid_phase_matches_straight_run(tmp_path):
     """Stop in the ultra-sparse phase (iteration 11, HSA on), resume: same losses, masks and FLOP tally."""
-    straight = run(monkeypatch, [*FLAGS, "--exit-interval", "20"], capture := {})
+    straight = run([*FLAGS, "--exit-interval", "20"], capture := {})
     masks = {w.name: w.mask.clone() for w in capture["hooks"].inner.weights}
-    run(monkeypatch, [*FLAGS, "--save", str(tmp_path), "--exit-interval", "11"])
-    resumed = run(monkeypatch, [*FLAGS, "--load", str(tmp_path), "--exit-interval", "20"], capture2 := {})
+    run([*FLAGS, "--save", str(tmp_path), "--exit-interval", "11"])
+    resumed = run([*FLAGS, "--load", str(tmp_path), "--exit-interval", "20"], capture2 := {})
     assert resumed.losses == pytest.approx(straight.losses[11:], rel=1e-6)
     for w in capture2["hooks"].inner.weights:
         assert torch.equal(w.mask, masks[w.name]), w.name
@@ -243,4 +238,4 @@ def test_mst_flags_are_validated_with_the_flag_name():
         config_from_args(parse_args([*FLAGS, "--mst-phase-iters", "20,20,20"]))
     with pytest.raises(ValueError, match="--mst-hsa-window"):
         config_from_args(parse_args([*FLAGS, "--mst-hsa-pattern", "fixed", "--mst-hsa-window", "5"]))
-    assert math.isclose(config_from_args(parse_args(FLAGS)).mst.max_sparsity, 0.9)
+    assert math.isclose(config_from_args(parse_args(FLAGS)).method("mst").max_sparsity, 0.9)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron_eff.sparsity import mst as mst_lib
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_eff.sparsity import mst as mst_lib
-from megatron_eff.sparsity.attention_patterns import PATTERNS, attention_pattern, masked_sdpa, sparse_attention
+from megatron_eff.methods.mst.attention_patterns import PATTERNS, attention_pattern, masked_sdpa, sparse_attention
 from tests.test_mst import FLAGS, run
 
 # (s, w): s a multiple of w, s not a multiple of w, w = 1, w = s, w > s, a single position

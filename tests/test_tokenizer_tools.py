@@ -253,8 +253,8 @@ def test_null_tokenizer_data_trains_and_the_tools_share_its_eod(tmp_path):
 
     from megatron_eff.arguments import config_from_args, parse_args
     from megatron_eff.data.tokenizer import checkpoint_tokenizer
-    from megatron_eff.training import loop
     from megatron_eff.training.checkpointing import read_meta
+    from megatron_eff.training.trainer import pretrain
 
     rng = np.random.default_rng(0)
     docs = [" ".join(map(str, rng.integers(0, 50, rng.integers(5, 40)))) for _ in range(60)]
@@ -269,7 +269,7 @@ def test_null_tokenizer_data_trains_and_the_tools_share_its_eod(tmp_path):
         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--eval-interval", "4",
         "--eval-iters", "2", "--log-interval", "100", "--save", str(ckpt)]))
     assert config.model.vocab_size == 51
-    result = loop.pretrain(config)
+    result = pretrain(config)
     assert len(result.losses) == 4 and result.state.skipped_iterations == 0
     assert all(math.isfinite(loss) for loss in [*result.losses, *result.valid_losses.values()])
 

@@ -10,8 +10,10 @@ import torch
 
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.parallel.state import ParallelState
-from megatron_eff.training import loop
+from megatron_eff.training import trainer as trainer_lib
 from megatron_eff.training.checkpointing import TRACKER, TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from megatron_eff.training.optimizer import build_optimizer
+from megatron_eff.training.trainer import Trainer, autocast_context, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model-preset", "llama-tiny", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4",
@@ -20,7 +22,7 @@ TINY = ["--model-preset", "llama-tiny", "--mock-data", "--micro-batch-size", "2"
 
 
 def run(*flags):
-    return loop.pretrain(config_from_args(parse_args([*TINY, *flags])))
+    return trainer_lib.pretrain(config_from_args(parse_args([*TINY, *flags])))
 
 
 def test_resume_is_exact(tmp_path):
@@ -46,7 +48,7 @@ def test_num_workers_train_and_resume_bit_identically(tmp_path):
 
 def _model(hidden=64):
     cfg = config_from_args(parse_args([*TINY, "--hidden-size", str(hidden)]))
-    (model,) = loop.build_model(cfg, ParallelState.single(), torch.device("cpu"))  # one chunk without PP
+    (model,) = build_model(cfg, ParallelState.single(), torch.device("cpu"))  # one chunk without PP
     return model
 
 
@@ -124,31 +126,25 @@ def test_resave_survives_a_crash_between_its_renames(tmp_path, monkeypatch):
     assert all(torch.equal(p, second[n]) for n, p in params.items())
 
 
-def test_non_finite_steps_are_skipped_then_stop(monkeypatch, tmp_path):
-    real_build = loop.build_model
-
-    def poisoned(config, pstate, device):
-        model = real_build(config, pstate, device)
-        with torch.no_grad():
-            model[0].embedding.word_embeddings.weight[:, 0] = float("nan")
-        return model
-
-    monkeypatch.setattr(loop, "build_model", poisoned)
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    trainer = Trainer(config_from_args(parse_args([*TINY, "--train-iters", "10", "--max-bad-steps", "3"])))
+    with torch.no_grad():
+        trainer.model[0].embedding.word_embeddings.weight[:, 0] = float("nan")
     with pytest.raises(RuntimeError, match="3 consecutive non-finite steps"):
-        run("--train-iters", "10", "--max-bad-steps", "3")
+        trainer.train()
 
 
 def test_skipped_step_leaves_weights_untouched():
     cfg = config_from_args(parse_args([*TINY, "--train-iters", "1"]))
-    (model,) = loop.build_model(cfg, ParallelState.single(), torch.device("cpu"))
-    optimizer = loop.build_optimizer(model.named_parameters(), cfg.optim)
+    (model,) = build_model(cfg, ParallelState.single(), torch.device("cpu"))
+    optimizer = build_optimizer(model.named_parameters(), cfg.optim)
     tokens = torch.randint(0, 256, (2, 32))
     batch = {"tokens": tokens, "labels": tokens}
     with torch.no_grad():
         model.decoder.final_layernorm.weight[0] = float("inf")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = loop.train_step(model, optimizer, iter([batch]), 1, cfg, ParallelState.single(), 1e-3,
-                             loop.autocast_context(cfg, torch.device("cpu")))
+    result = trainer_lib.train_step(model, optimizer, iter([batch]), 1, cfg, ParallelState.single(), 1e-3,
+                                    autocast_context(cfg, torch.device("cpu")))
     assert result.skipped
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) or not torch.isfinite(before[n]).all(), n
@@ -172,14 +168,14 @@ def test_sigterm_saves_and_exits(monkeypatch, tmp_path):
     """--exit-signal-handler: a SIGTERM during iteration 3 saves a checkpoint at 3 and stops cleanly."""
     import signal
 
-    real_lr = loop.learning_rate
+    real_lr = trainer_lib.learning_rate
 
     def lr_and_signal(iteration, config, train_iters):
         if iteration == 2:  # the step that produces iteration 3
             os.kill(os.getpid(), signal.SIGTERM)
         return real_lr(iteration, config, train_iters)
 
-    monkeypatch.setattr(loop, "learning_rate", lr_and_signal)
+    monkeypatch.setattr(trainer_lib, "learning_rate", lr_and_signal)  # a signal at a known moment
     previous = signal.getsignal(signal.SIGTERM)
     try:
         result = run("--train-iters", "10", "--exit-signal-handler", "--save", str(tmp_path))

@@ -14,9 +14,9 @@ from torch import nn
 
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.config import ModelConfig, PrecisionConfig
+from megatron_eff.methods.mst.attention_patterns import masked_sdpa
 from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.precision.transformer_engine import local_parameter_name, te_parameter_name
-from megatron_eff.sparsity.attention_patterns import masked_sdpa
 
 
 def _te_usable() -> bool:

@@ -10,7 +10,7 @@ from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.parallel.state import ParallelState
 from megatron_eff.precision.numerics import gradient_underflow, train_synthetic
 from megatron_eff.precision.unit_scaling import activation_scale, attention_output_scale, scale_bwd, scale_fwd
-from megatron_eff.training import loop
+from megatron_eff.training.trainer import Trainer, build_model
 
 
 def test_scale_fwd_and_scale_bwd():
@@ -33,7 +33,7 @@ def test_scale_constants_match_the_paper():
 def _statistics(flags):
     """std of every layer's / linear's output and its gradient, and of every weight gradient, at init."""
     config = config_from_args(parse_args([*flags, "--mock-data"]))
-    (model,) = loop.build_model(config, ParallelState.single(), torch.device("cpu"))
+    (model,) = build_model(config, ParallelState.single(), torch.device("cpu"))
     stats = {}
 
     def track(name):
@@ -102,13 +102,11 @@ def test_tools_rebuild_the_unit_scaled_model(tmp_path, monkeypatch):
     from megatron_eff.training.checkpointing import load_checkpoint
     from tools.generate import load_model
 
-    built = []
-    real_build = loop.build_model
-    monkeypatch.setattr(loop, "build_model", lambda *args: built.append(real_build(*args)) or built[-1])
     ckpt = tmp_path / "ckpt"
-    loop.pretrain(config_from_args(parse_args([*BASE, "--unit-scaling", "--mock-data", "--train-iters", "3",
-                                               "--eval-iters", "0", "--save", str(ckpt)])))
-    (trained,) = built[0]  # the model the loop trained, in memory
+    trainer = Trainer(config_from_args(parse_args([*BASE, "--unit-scaling", "--mock-data", "--train-iters", "3",
+                                                   "--eval-iters", "0", "--save", str(ckpt)])))
+    trainer.train()
+    (trained,) = trainer.model  # the model the trainer trained, in memory
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 64, (2, 32), generator=gen)
     with torch.no_grad():

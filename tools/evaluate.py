@@ -37,6 +37,7 @@ from megatron_eff.config import (  # noqa: E402
     ParallelConfig,
     TrainConfig,
 )
+from megatron_eff.launch import check_launch  # noqa: E402
 from megatron_eff.precision import inference_precision  # noqa: E402
 
 
@@ -133,20 +134,21 @@ def main(argv=None) -> int:
     from megatron_eff.evaluation import count_batches, evaluate_windows
     from megatron_eff.parallel.state import init_distributed, initialize_parallel_state
     from megatron_eff.training.checkpointing import load_checkpoint, read_meta
-    from megatron_eff.training.loop import autocast_context, build_model, device_for_run
+    from megatron_eff.training.trainer import autocast_context, build_model, device_for_run
 
     args = parse_args(argv)
     try:  # every input error surfaces here, before any process-group work
         _, meta = read_meta(args.load)
         config = build_config(args, meta)
-        dp_size = config.check_launch()
+        dp_size = check_launch(config)
         windows = build_windows(args, meta, config)
         count_batches(windows, config, dp_size, args.eval_iters)
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
     init_distributed()
-    pstate = initialize_parallel_state(config.parallel)
+    pstate = initialize_parallel_state(config.parallel.tensor_model_parallel_size,
+                                       config.parallel.pipeline_model_parallel_size)
     device = device_for_run()
     model = build_model(config, pstate, device)
     named_params = {name: p for chunk in model for name, p in chunk.named_parameters()}

@@ -369,6 +369,18 @@ class DistributedOptimizer:
     def state(self):
         return self.optimizer.state
 
+    @torch.no_grad()
+    def reset_state(self, param: torch.nn.Parameter, mask: torch.Tensor) -> None:
+        """Zero the moments of `param` where `mask` (shaped like it) is True, in this rank's pieces of it."""
+        flat = mask.flatten()
+        start = self.grad_sync.offsets[param]
+        for p, a, b, piece in self.pieces:
+            if p is param:
+                state = self.optimizer.state.get(piece, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key].masked_fill_(flat[a - start:b - start], 0.0)
+
     def state_numel(self) -> int:
         """Elements of optimizer state (moments) held by this rank."""
         return sum(t.numel() for s in self.optimizer.state.values() for k, t in s.items() if k != "step")

@@ -1,12 +1,21 @@
 """Forward/backward schedules over the micro-batches of one iteration: no pipelining, 1F1B, interleaved 1F1B.
 
     schedule = get_forward_backward_func(pstate, virtual=len(model_chunks) > 1)
-    losses = schedule(model_chunks, micro_batches, M, pstate=pstate, tensor_shape=activation_shape(...),
-                      forward_only=False, autocast=..., loss_scale=1.0)
+    results = schedule(model_chunks, micro_batches, M, pstate=pstate, tensor_shape=activation_shape(...),
+                       forward_step=lm_forward_step, forward_only=False, autocast=..., loss_scale=1.0,
+                       per_token_loss=False)
 
-Every schedule returns the detached mean loss of each micro-batch on the last pipeline stage (an empty list
-on the others). The loss of a micro-batch is the token mean, scaled by 1/M before backward so that the
-gradients accumulated in `.grad` are those of the mean over the global batch.
+The loss contract (Megatron's): `forward_step(chunk, batch, input_tensor) -> (output, loss_func)` runs one
+model chunk on one micro-batch (`batch`: every key the data pipeline collated, `dataset_id` and `loss_mask`
+included); on the chunk holding the output layer `loss_func(output) -> (loss_sum, num_tokens, report)`
+turns the output into a scalar sum of token losses, the number of tokens it covers and a dict of detached
+values to report (per-sample losses, per-domain sums, ...). Backward starts from
+`loss_sum / num_tokens * loss_scale / M` (each micro-batch's token mean; the iteration's loss is their mean
+over micro-batches and DP ranks), or, with `per_token_loss`, from `loss_sum * loss_scale` (the caller then
+divides the gradients by the global token count: Megatron's `--calculate-per-token-loss`). Every schedule
+returns, on the last pipeline stage, one `MicroBatchLoss(loss_sum, num_tokens, report)` per micro-batch
+in micro-batch order (detached), and an empty list on the other stages. With `forward_only` nothing is kept
+for backward: evaluation, per-domain validation and per-sample scoring use that mode through any layout.
 
 Layer assignment (`pipeline_layer_ranges`): stage r of P owns the contiguous block of L/P layers; with
 `--num-layers-per-virtual-pipeline-stage n` (Megatron's interleaving) rank r holds V = L/(P n) model
@@ -50,14 +59,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_eff.dtypes import upcast
+from megatron_eff.model.loss import lm_forward_step
 
 ACTIVATION_TAG, GRADIENT_TAG = 0, 1
 Action = tuple[str, int, int]  # ('F' | 'B', model chunk, micro-batch)
+
+
+class MicroBatchLoss(NamedTuple):
+    """What `loss_func` gave for one micro-batch (detached): token-loss sum, token count, report."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    report: dict
+
+
+def _backward_loss(loss_sum: torch.Tensor, num_tokens: torch.Tensor, loss_scale: float, num_micro_batches: int,
+                   per_token_loss: bool) -> torch.Tensor:
+    """The scalar backward starts from (see the module docstring)."""
+    if per_token_loss:
+        return loss_sum * loss_scale
+    return loss_sum / num_tokens.clamp(min=1) * (loss_scale / num_micro_batches)
 
 
 def pipeline_layer_ranges(num_layers: int, pp: int, vpp_layers: int | None = None) -> list[list[tuple[int, int]]]:
@@ -89,7 +115,7 @@ def one_f_one_b_order(pp: int, rank: int, num_micro_batches: int, forward_only: 
 
 def check_interleaved(num_micro_batches: int, pp: int, derivation: str = "") -> None:
     """Interleaved 1F1B takes the micro-batches `pp` at a time: their number must be a multiple of `pp`.
-    `derivation` (the batch-size flags, as `Config.check_launch` gives them) goes before the number."""
+    `derivation` (the batch-size flags, as `launch.check_launch` gives them) goes before the number."""
     if num_micro_batches % pp:
         raise ValueError(f"interleaved pipelining (--num-layers-per-virtual-pipeline-stage) needs the number of "
                          f"micro-batches, {derivation}{num_micro_batches}, to be a multiple of "
@@ -175,7 +201,8 @@ class _MicroBatches:
 
 
 def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_micro_batches: int, *, pstate,
-                  tensor_shape, forward_only: bool, autocast, loss_scale: float) -> list[torch.Tensor]:
+                  tensor_shape, forward_only: bool, autocast, loss_scale: float, forward_step,
+                  per_token_loss: bool) -> list[MicroBatchLoss]:
     """Execute one rank's steps; before each step one batch sends what the previous step produced and
     receives what this step needs (see the module docstring)."""
     pp, rank, num_chunks = pstate.pp_size, pstate.pp_rank, len(model_chunks)
@@ -184,7 +211,7 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
     data = _MicroBatches(micro_batches, device)
     inputs: dict[tuple[int, int], torch.Tensor | None] = {}  # (chunk, micro) -> received activation
     outputs: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, micro) -> output awaiting its backward
-    losses: dict[int, torch.Tensor] = {}
+    losses: dict[int, MicroBatchLoss] = {}
     sends: list[tuple[torch.Tensor, int, int]] = []
     for step in steps:
         recvs = [recv_spec(action, pp, rank, num_chunks) for action in step]
@@ -193,10 +220,12 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
         for action, tensor in zip(step, received):
             kind, chunk, k = action
             if kind == "F":
-                out = _forward_step(model_chunks[chunk], data.get(k), tensor, forward_only, autocast, wire_dtype)
-                if model_chunks[chunk].post_process:
-                    losses[k] = out.detach()
-                    out = out * (loss_scale / num_micro_batches)
+                out, loss_func = _forward_step(forward_step, model_chunks[chunk], data.get(k), tensor, forward_only,
+                                               autocast, wire_dtype)
+                if loss_func is not None:
+                    loss_sum, num_tokens, report = loss_func(out)
+                    losses[k] = MicroBatchLoss(loss_sum.detach(), num_tokens.detach(), report)
+                    out = _backward_loss(loss_sum, num_tokens, loss_scale, num_micro_batches, per_token_loss)
                 if chunk == num_chunks - 1:
                     data.cache.pop(k, None)
                 if not forward_only:
@@ -212,14 +241,14 @@ def _run_pipeline(steps: list[list[Action]], model_chunks, micro_batches, num_mi
     return [losses[k] for k in sorted(losses)]
 
 
-def _forward_step(model, batch, input_tensor, forward_only: bool, autocast, wire_dtype) -> torch.Tensor:
-    """The mean loss (last chunk) or the hidden `[s, b, h]` in `wire_dtype` to send on."""
+def _forward_step(forward_step, model, batch, input_tensor, forward_only: bool, autocast, wire_dtype):
+    """(output, loss_func): the last chunk's output for its loss function, or the hidden `[s, b, h]` in
+    `wire_dtype` to send on (None)."""
     if input_tensor is not None and not forward_only:
         input_tensor.requires_grad_(True)
     with autocast():
-        out = model(tokens=batch["tokens"] if model.pre_process else None,
-                    labels=batch["labels"] if model.post_process else None, input_tensor=input_tensor)
-    return upcast(out).mean() if model.post_process else out.to(wire_dtype)  # a no-op in practice
+        out, loss_func = forward_step(model, batch, input_tensor)
+    return (out, loss_func) if loss_func is not None else (out.to(wire_dtype), None)  # a no-op in practice
 
 
 def _chunks(model) -> list[torch.nn.Module]:
@@ -234,49 +263,53 @@ def forward_backward_no_pipelining(
     forward_only: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     loss_scale: float = 1.0,
+    forward_step=lm_forward_step,
+    per_token_loss: bool = False,
     pstate=None,  # accepted so every schedule has one signature; unused
     tensor_shape=None,
-) -> list[torch.Tensor]:
-    """One stage: forward and backward of each micro-batch in turn. Returns the detached mean losses."""
+) -> list[MicroBatchLoss]:
+    """One stage: forward and backward of each micro-batch in turn."""
     (model,) = _chunks(model)
     device = next(model.parameters()).device
     losses = []
     for _, batch in zip(range(num_micro_batches), micro_batches):
         batch = batch_to_device(batch, device)
         with autocast():
-            token_loss = model(tokens=batch["tokens"], labels=batch["labels"])  # [b, s]
-        loss = upcast(token_loss).mean()
+            out, loss_func = forward_step(model, batch, None)
+        loss_sum, num_tokens, report = loss_func(out)
         if not forward_only:
-            (loss * (loss_scale / num_micro_batches)).backward()
-        losses.append(loss.detach())
+            _backward_loss(loss_sum, num_tokens, loss_scale, num_micro_batches, per_token_loss).backward()
+        losses.append(MicroBatchLoss(loss_sum.detach(), num_tokens.detach(), report))
     return losses
 
 
 def forward_backward_pipelining_without_interleaving(
     model, micro_batches, num_micro_batches: int, *, pstate, tensor_shape, forward_only: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, loss_scale: float = 1.0,
-) -> list[torch.Tensor]:
+    forward_step=lm_forward_step, per_token_loss: bool = False,
+) -> list[MicroBatchLoss]:
     """Non-interleaved 1F1B over the pipeline group (one model chunk per rank)."""
     steps = [[(kind, 0, k)] for kind, k in one_f_one_b_order(pstate.pp_size, pstate.pp_rank, num_micro_batches,
                                                             forward_only)]
     return _run_pipeline(steps, _chunks(model), micro_batches, num_micro_batches, pstate=pstate,
                          tensor_shape=tensor_shape, forward_only=forward_only, autocast=autocast,
-                         loss_scale=loss_scale)
+                         loss_scale=loss_scale, forward_step=forward_step, per_token_loss=per_token_loss)
 
 
 def forward_backward_pipelining_with_interleaving(
     model, micro_batches, num_micro_batches: int, *, pstate, tensor_shape, forward_only: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, loss_scale: float = 1.0,
-) -> list[torch.Tensor]:
+    forward_step=lm_forward_step, per_token_loss: bool = False,
+) -> list[MicroBatchLoss]:
     """Interleaved 1F1B over the pipeline group (several model chunks per rank)."""
     chunks = _chunks(model)
     steps = interleaved_steps(pstate.pp_size, pstate.pp_rank, num_micro_batches, len(chunks), forward_only)
     return _run_pipeline(steps, chunks, micro_batches, num_micro_batches, pstate=pstate,
                          tensor_shape=tensor_shape, forward_only=forward_only, autocast=autocast,
-                         loss_scale=loss_scale)
+                         loss_scale=loss_scale, forward_step=forward_step, per_token_loss=per_token_loss)
 
 
-def get_forward_backward_func(pstate, virtual: bool = False) -> Callable[..., list[torch.Tensor]]:
+def get_forward_backward_func(pstate, virtual: bool = False) -> Callable[..., list[MicroBatchLoss]]:
     """The schedule for this layout: no pipelining (P = 1), 1F1B, or interleaved 1F1B (`virtual`)."""
     if pstate.pp_size == 1:
         return forward_backward_no_pipelining

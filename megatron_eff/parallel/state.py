@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_eff.config import ParallelConfig
-
 
 @dataclass
 class ParallelState:
@@ -125,18 +123,21 @@ def communication_device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize_parallel_state(config: ParallelConfig, num_layers_per_vpp_chunks: int = 1) -> ParallelState:
-    """Create every TP/PP/DP group (collectively, in the same order on all ranks) and return this rank's."""
+def initialize_parallel_state(tp: int = 1, pp: int = 1, num_layers_per_vpp_chunks: int = 1) -> ParallelState:
+    """Create every TP/PP/DP group (collectively, in the same order on all ranks) for tensor-parallel size
+    `tp` and pipeline-parallel size `pp` (DP takes the rest of the world) and return this rank's."""
     if not dist.is_initialized():
-        if config.tensor_model_parallel_size * config.pipeline_model_parallel_size != 1:
+        if tp * pp != 1:
             raise ValueError(
                 "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1 need a torchrun launch "
                 "(torch.distributed is not initialised)"
             )
         return ParallelState.single()
     world, rank = dist.get_world_size(), dist.get_rank()
-    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    dp = config.data_parallel_size(world)
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp} x "
+                         f"--pipeline-model-parallel-size {pp}")
+    dp = world // (tp * pp)
     tp_rank, dp_rank, pp_rank = coordinates_of(rank, tp, dp)
     state = ParallelState(
         tp_size=tp, pp_size=pp, dp_size=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,

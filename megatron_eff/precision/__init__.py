@@ -22,7 +22,7 @@ def apply_precision(model: nn.Module, precision, model_config) -> None:
             from megatron_eff.precision.transformer_engine import keep_layers_out_of_fp8
 
             keep_layers_out_of_fp8(model, first_last)
-        return  # TE's FP8 enters through fp8_autocast around forward (training/loop.py)
+        return  # TE's FP8 enters through fp8_autocast around forward (training/trainer.py)
     if precision.fp8:
         from megatron_eff.precision.fp8 import Fp8Recipe, apply_fp8
 

@@ -31,7 +31,7 @@ def synthetic_batches(vocab: int, seq_length: int, batch: int, seed: int = 0):
 
 
 def _build(flags: list[str]):
-    from megatron_eff.training import loop
+    from megatron_eff.training import trainer as loop
 
     config = config_from_args(parse_args([*flags, "--mock-data"]))
     pstate = ParallelState.single()
@@ -41,7 +41,7 @@ def _build(flags: list[str]):
 
 
 def train_synthetic(flags: list[str], steps: int) -> list[float]:
-    from megatron_eff.training import loop
+    from megatron_eff.training import trainer as loop
     from megatron_eff.training.optimizer import build_optimizer
 
     config, pstate, model = _build(flags)
@@ -62,7 +62,7 @@ def train_synthetic(flags: list[str], steps: int) -> list[float]:
 def gradient_underflow(flags: list[str]) -> dict[str, float]:
     """{"zero": fraction of weight-gradient elements exactly 0, "subnormal": fraction below FP16's smallest
     normal (6.1e-5), "fp32_zero": the zero fraction of the same backward in FP32}."""
-    from megatron_eff.training import loop
+    from megatron_eff.training import trainer as loop
 
     config, pstate, model = _build(flags)
     batch = next(synthetic_batches(config.model.vocab_size, config.model.seq_length, config.train.micro_batch_size))

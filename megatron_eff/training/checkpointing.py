@@ -194,12 +194,12 @@ def save_checkpoint(
     run_config: dict,
     layout: dict,
     pstate: ParallelState | None = None,
-    hooks=None,
+    methods=None,
     extra_state: dict[str, torch.Tensor] | None = None,
     rank_state: dict | None = None,
 ) -> str:
-    """Write `root/iter_N` atomically; returns its path. Collective: every rank calls it. Method `hooks`
-    (`training.hooks`) add their tensors (keyed `method.<name>.<key>`, sharded like a parameter) and their
+    """Write `root/iter_N` atomically; returns its path. Collective: every rank calls it. Training `methods`
+    (`methods/base.py`) add their tensors (keyed `method.<name>.<key>`, sharded like a parameter) and their
     small state (meta.json `method_state`)."""
     final = checkpoint_dir(root, train_state.iteration)
     tmp = final + ".tmp"
@@ -212,7 +212,7 @@ def save_checkpoint(
     state = {}
     for key, tensor, param in _entries(named_params, optimizer):
         state.setdefault(key, _global_view(tensor, param, mesh))
-    for key, tensor, param in hooks.checkpoint_tensors() if hooks else []:
+    for key, tensor, param in methods.checkpoint_tensors() if methods else []:
         state.setdefault(f"method.{key}", _global_view(tensor, param, mesh))
     state.update(extra_state or {})
     with _quiet_single_process():
@@ -222,7 +222,7 @@ def save_checkpoint(
         torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
     if _rank() == 0:
         meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,
-                "has_optimizer": optimizer is not None, "method_state": hooks.state_dict() if hooks else None}
+                "has_optimizer": optimizer is not None, "method_state": methods.state_dict() if methods else None}
         _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
     _barrier()
     if _rank() == 0:
@@ -319,7 +319,7 @@ def load_checkpoint(
     load_rng: bool = True,
     layout: dict | None = None,
     pstate: ParallelState | None = None,
-    hooks=None,
+    methods=None,
     extra_state: dict[str, torch.Tensor] | None = None,
     rank_state_loader=None,
 ) -> TrainState:
@@ -330,9 +330,9 @@ def load_checkpoint(
     if with_optim and not meta.get("has_optimizer", True):
         raise ValueError(f"--load {path}: checkpoint holds no optimizer state (use --no-load-optim)")
     entries = _entries(named_params, optimizer if with_optim else None)
-    method_state = meta.get("method_state") if hooks and not finetune else None
+    method_state = meta.get("method_state") if methods and not finetune else None
     if method_state:  # a checkpoint of a run with the same methods on: their tensors (masks) too
-        entries += [(f"method.{key}", tensor, param) for key, tensor, param in hooks.checkpoint_tensors()]
+        entries += [(f"method.{key}", tensor, param) for key, tensor, param in methods.checkpoint_tensors()]
     if not finetune:  # precision state (FP8 amax histories, loss scale), loaded in place when present
         entries += [(key, tensor, tensor) for key, tensor in (extra_state or {}).items()]
     state, copies = _load_plan(path, entries, _tp_mesh(pstate))
@@ -340,7 +340,7 @@ def load_checkpoint(
         dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     _apply_copies(state, copies, pstate)
     if method_state:
-        hooks.load_state_dict(method_state)
+        methods.load_state_dict(method_state)
     if with_optim and isinstance(optimizer, DistributedOptimizer):
         by_param: dict = {}
         for key, tensor, param in entries:

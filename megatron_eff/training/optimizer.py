@@ -4,10 +4,16 @@ Parameters stay FP32 (they are the master weights); BF16/FP16 enter only through
 AdamW is used where the device supports it (it is also the fastest on CPU). With
 `--use-distributed-optimizer` the same AdamW runs on this data-parallel rank's shard only
 (`parallel/data_parallel.DistributedOptimizer`).
+
+Methods add their own groups (`Method.param_groups()`): a dict with "params" and optionally "max_lr" and
+"min_lr" (the group follows the run's LR schedule between its own bounds), "weight_decay" (default 0) and
+"maximize" (gradient ascent, e.g. Lagrange multipliers). Both optimizers offer `reset_state(param, mask)`
+(zero the AdamW moments of a parameter's masked positions) so methods never reach into their internals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -17,6 +23,7 @@ from megatron_eff.config import OptimizerConfig
 from megatron_eff.dtypes import upcast
 from megatron_eff.parallel.data_parallel import DistributedOptimizer, GradSync
 from megatron_eff.parallel.state import communication_device
+from megatron_eff.training.lr_schedule import learning_rate
 
 
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -24,28 +31,62 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "layernorm" in name or "norm." in name
 
 
-def build_optimizer(named_params, config: OptimizerConfig, grad_sync: GradSync | None = None):
-    """AdamW over two groups (decayed matrices, undecayed biases/norms). With a sharding `grad_sync`
-    (`--use-distributed-optimizer`) it is the ZeRO-1 `DistributedOptimizer` over this rank's shard."""
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW plus the optimizer API methods use."""
+
+    @torch.no_grad()
+    def reset_state(self, param: torch.nn.Parameter, mask: torch.Tensor) -> None:
+        """Zero the moments of `param` where `mask` (shaped like it) is True."""
+        state = self.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].masked_fill_(mask, 0.0)
+
+
+_GROUP_KEYS = ("params", "max_lr", "min_lr", "weight_decay", "maximize")
+
+
+def build_optimizer(named_params, config: OptimizerConfig, grad_sync: GradSync | None = None,
+                    extra_groups: list[dict] | None = None):
+    """AdamW over two groups (decayed matrices, undecayed biases/norms) plus the methods' `extra_groups`
+    (their parameters leave the default groups). With a sharding `grad_sync` (`--use-distributed-optimizer`)
+    it is the ZeRO-1 `DistributedOptimizer` over this rank's shard."""
+    extra_groups = [dict(g) for g in extra_groups or []]
+    for group in extra_groups:
+        unknown = set(group) - set(_GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"optimizer group keys {sorted(unknown)} are not supported (use {_GROUP_KEYS})")
+        group.setdefault("weight_decay", 0.0)
+        group["params"] = list(group["params"])
+    claimed = {p for g in extra_groups for p in g["params"]}
     decay, no_decay = [], []
     for name, param in named_params:
-        if param.requires_grad:
+        if param.requires_grad and param not in claimed:
             (no_decay if _no_weight_decay(name, param) else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *extra_groups,
     ]
-    device = (decay + no_decay)[0].device
+    groups = [g for g in groups if g["params"]]
+    device = groups[0]["params"][0].device
     adam = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                 fused=device.type in ("cuda", "cpu"))
     if grad_sync is not None and grad_sync.shard:
         return DistributedOptimizer(groups, grad_sync, **adam)
-    return torch.optim.AdamW(groups, **adam)
+    return AdamW(groups, **adam)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, iteration: int | None = None,
+                      config: OptimizerConfig | None = None, train_iters: int | None = None) -> None:
+    """`lr` for the default groups; a group with its own "max_lr" follows the same schedule between its
+    "min_lr" (default 0) and "max_lr" (needs `iteration`, `config` and `train_iters`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if "max_lr" in group and config is not None:
+            own = dataclasses.replace(config, lr=group["max_lr"], min_lr=group.get("min_lr", 0.0))
+            group["lr"] = learning_rate(iteration, own, train_iters)
+        else:
+            group["lr"] = lr
 
 
 @torch.no_grad()

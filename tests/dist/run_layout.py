@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_eff.arguments import config_from_args, parse_args  # noqa: E402
 from megatron_eff.parallel.state import shutdown_distributed  # noqa: E402
-from megatron_eff.training import loop  # noqa: E402
+from megatron_eff.training.trainer import Trainer  # noqa: E402
 
 
 def full_tensor(param: torch.Tensor, pstate) -> torch.Tensor:
@@ -58,25 +58,9 @@ def optimizer_state_numel(optimizer) -> int:
 def main() -> None:
     out, flags = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     torch.set_default_dtype(getattr(torch, os.environ.get("PARITY_DTYPE", "float64")))
-    captured = {}
-    real_pretrain_models = loop.build_model
-
-    def capture(config, pstate, device):
-        models = real_pretrain_models(config, pstate, device)
-        captured["models"], captured["pstate"] = models, pstate
-        return models
-
-    loop.build_model = capture
-    real_build_optimizer = loop.build_optimizer
-
-    def capture_optimizer(*args, **kwargs):
-        captured["optimizer"] = real_build_optimizer(*args, **kwargs)
-        return captured["optimizer"]
-
-    loop.build_optimizer = capture_optimizer
-    result = loop.pretrain(config_from_args(parse_args(flags)))
-    pstate = captured["pstate"]
-    models = captured["models"] if isinstance(captured["models"], list) else [captured["models"]]
+    trainer = Trainer(config_from_args(parse_args(flags)))
+    result = trainer.train()
+    pstate, models = trainer.pstate, trainer.model
     params, tied_copies, masks = {}, {}, {}
     for model in models:
         masks.update(full_masks(model, pstate))
@@ -91,10 +75,10 @@ def main() -> None:
         params = {k: v for stage, _, _ in gathered for k, v in stage.items()}
         tied_copies = {k: v for _, copies, _ in gathered for k, v in copies.items()}
         masks = {k: v for _, _, stage_masks in gathered for k, v in stage_masks.items()}
-    optimizer_numel = [optimizer_state_numel(captured["optimizer"])]
+    optimizer_numel = [optimizer_state_numel(trainer.optimizer)]
     if dist.is_initialized():
         optimizer_numel = [None] * dist.get_world_size()
-        dist.all_gather_object(optimizer_numel, optimizer_state_numel(captured["optimizer"]))
+        dist.all_gather_object(optimizer_numel, optimizer_state_numel(trainer.optimizer))
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
                     "tied_copies": tied_copies, "masks": masks}, out)

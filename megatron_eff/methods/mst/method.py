@@ -1,17 +1,19 @@
 """Mixed Sparsity Training (MST; Hu, Li, Huang 2024, arXiv 2408.11746): dynamic sparse training of the
-transformer's linears through three phases, plus Hybrid Sparse Attention. See METHODS.md section 1.
+transformer's linears through three phases, plus Hybrid Sparse Attention. See docs/methods/mst.md.
 
     warm-up (dense -> s_max)  |  ultra-sparse (s_max)  |  restoration (s_max -> dense)  [| dense rest]
 
-Installed by `training.hooks.build_method_hooks` when `--mst` is given; the model does not know:
-- every `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2` (and with `--mst-sparsify-head` the output
-  layer / tied embedding) gets a boolean buffer `weight_mask`, shaped and TP-sharded like its weight;
+A training method (`methods/base.py`), built by `methods.build_methods` when `--mst` is given; the model does
+not know it is there:
+- `transform_model` (before the gradient buckets and the optimizer exist): every `linear_qkv`, `linear_proj`,
+  `linear_fc1`, `linear_fc2` (and with `--mst-sparsify-head` the output layer / tied embedding) gets a
+  boolean buffer `weight_mask`, shaped and TP-sharded like its weight;
 - `after_backward`: at a topology-update iteration the dense gradient (already averaged over DP) is kept
   as the grow score; then the gradients of masked weights are zeroed, so norm, clipping and AdamW only see
   the active weights;
 - `after_step`: weights are re-masked (masked weights stay exactly 0); at an update iteration the topology
   changes: drop the smallest |w| among active weights, grow the largest |dense grad| (r/(r+1) of them, the
-  rest uniformly at random), grown weights start at 0 with zero AdamW moments;
+  rest uniformly at random), grown weights start at 0 with zero AdamW moments (`optimizer.reset_state`);
 - `before_iteration`: Hybrid Sparse Attention switches the attention modules' `sparse_attention` on inside its
   window (default: the ultra-sparse phase): the factorized pattern or, with `--mst-hsa-impl mask`, SDPA with
   the pattern as mask;
@@ -38,13 +40,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_eff.config import MSTConfig
-from megatron_eff.parallel.data_parallel import DistributedOptimizer
+from megatron_eff.methods.base import Method
+from megatron_eff.methods.mst.attention_patterns import (
+    attention_pattern,
+    masked_sdpa,
+    pattern_density,
+    sparse_attention,
+)
+from megatron_eff.methods.mst.config import MSTConfig
 from megatron_eff.parallel.layers import local_shard
 from megatron_eff.parallel.state import communication_device
-from megatron_eff.sparsity.attention_patterns import attention_pattern, masked_sdpa, pattern_density, sparse_attention
 from megatron_eff.training import flops as flops_lib
-from megatron_eff.training.hooks import MethodHooks
 
 MASK = "weight_mask"
 HEAD = "output_layer"
@@ -205,36 +211,52 @@ class SparseWeight:
 # --- the method -----------------------------------------------------------------------------------------
 
 
-class MSTHooks(MethodHooks):
+class MST(Method):
     name = "mst"
 
-    def __init__(self, config, model_chunks, optimizer, grad_sync, pstate):
-        self.cfg, self.model_config, self.seed = config.mst, config.model, config.train.seed
-        self.optimizer, self.grad_sync, self.pstate = optimizer, grad_sync, pstate
-        self.schedule = MSTSchedule.from_config(config.mst, config.train.train_iters)
+    def __init__(self, mst_config: MSTConfig, config, pstate):
+        self.cfg, self.model_config, self.seed = mst_config, config.model, config.train.seed
+        self.optimizer = self.grad_sync = None  # `attach`
+        self.pstate = pstate
+        self.schedule = MSTSchedule.from_config(mst_config, config.train.train_iters)
         self.tokens_per_iter = config.train.resolved_global_batch_size(pstate.dp_size) * config.model.seq_length
-        self.shapes = sparse_layer_shapes(config.model, pstate.tp_size, config.mst.sparsify_head)
-        self.weights = self._install_masks(model_chunks)
-        self._pieces = self._optimizer_pieces()
+        self.shapes = sparse_layer_shapes(config.model, pstate.tp_size, mst_config.sparsify_head)
+        self.weights: list[SparseWeight] = []
         self._grow_scores: dict[str, torch.Tensor] = {}
         self.active = {name: n_in * n_out for name, (n_in, n_out) in self.shapes.items()}
         self.flops_dense = self.flops_actual = 0.0
         self.last_flops = (0.0, 0.0)
         self.updates = 0
-        self._install_attention(model_chunks)
+
+    # lifecycle
+    def transform_model(self, chunks: list) -> None:
+        self.weights = self._install_masks(chunks)
+        self._install_attention(chunks)
         if self.schedule.target_sparsity(0) > 0:  # the run starts sparse: random masks (the authors' init)
             self._random_masks(self.schedule.target_sparsity(0))
 
+    def attach(self, trainer) -> None:
+        self.optimizer, self.grad_sync = trainer.optimizer, trainer.grad_sync
+
     # installation
+    @staticmethod
+    def _layers(chunk):
+        """(global layer index, layer) of a chunk's transformer layers (`TransformerBlock.layers` is keyed
+        by the global index)."""
+        return [(int(index), layer) for index, layer in chunk.decoder.layers.items()]
+
     def _install_masks(self, chunks) -> list[SparseWeight]:
         weights = []
         for chunk in chunks:
-            modules = dict(chunk.named_modules())
-            for name in self.shapes:
-                if name == HEAD:
-                    continue
-                if name in modules:
-                    weights.append(self._mask_module(name, modules[name]))
+            for index, layer in self._layers(chunk):
+                prefix = f"decoder.layers.{index}"
+                linears = {
+                    f"{prefix}.self_attention.linear_qkv": layer.self_attention.linear_qkv,
+                    f"{prefix}.self_attention.linear_proj": layer.self_attention.linear_proj,
+                    f"{prefix}.mlp.linear_fc1": layer.mlp.linear_fc1,
+                    f"{prefix}.mlp.linear_fc2": layer.mlp.linear_fc2,
+                }
+                weights += [self._mask_module(name, module) for name, module in linears.items() if name in self.shapes]
             if HEAD in self.shapes:
                 if chunk.output_layer is not None:
                     weights.append(self._mask_module(HEAD, chunk.output_layer))
@@ -249,16 +271,6 @@ class MSTHooks(MethodHooks):
         mask = torch.ones_like(module.weight, dtype=torch.bool)
         module.register_buffer(MASK, mask, persistent=False)  # saved by the checkpoint through the hooks
         return SparseWeight(name, module.weight, getattr(module, MASK), counted)
-
-    def _optimizer_pieces(self) -> dict:
-        """{param: [(lo, hi, piece)]}: where the distributed optimizer keeps a parameter's moments."""
-        if not isinstance(self.optimizer, DistributedOptimizer):
-            return {}
-        pieces: dict = {}
-        for p, a, b, piece in self.optimizer.pieces:
-            start = self.grad_sync.offsets[p]
-            pieces.setdefault(p, []).append((a - start, b - start, piece))
-        return pieces
 
     def _install_attention(self, chunks) -> None:
         cfg, seq = self.cfg, self.model_config.seq_length
@@ -276,18 +288,14 @@ class MSTHooks(MethodHooks):
             self.hsa_function = functools.partial(masked_sdpa, mask=self.hsa_mask)
         self.hsa_window = cfg.hsa_iters or (self.schedule.warm_end, self.schedule.ultra_end)
         self.hsa_layers = set(cfg.hsa_layers) if cfg.hsa_layers else set(range(self.model_config.num_layers))
-        for chunk in chunks:
-            for name, module in chunk.named_modules():
-                parts = name.split(".")
-                if len(parts) == 4 and parts[:2] == ["decoder", "layers"] and parts[3] == "self_attention":
-                    if int(parts[2]) in self.hsa_layers:
-                        self.attention_modules.append(module)
+        self.attention_modules = [layer.self_attention for chunk in chunks for index, layer in self._layers(chunk)
+                                  if index in self.hsa_layers]
 
     def hsa_active(self, iteration: int) -> bool:
         """Iteration `iteration` (1-based) runs with sparse attention: t = iteration - 1 in [start, end)."""
         return self.hsa_mask is not None and self.hsa_window[0] <= iteration - 1 < self.hsa_window[1]
 
-    # hooks
+    # events
     def before_iteration(self, iteration: int) -> None:
         on = self.hsa_active(iteration)
         if on != self.hsa_on:
@@ -366,22 +374,8 @@ class MSTHooks(MethodHooks):
         w.dense = bool(mask.all())
         zero = ~mask | grown
         w.param.masked_fill_(zero, 0.0)
-        if self.cfg.reset_optimizer_state:
-            self._reset_moments(w.param, zero)
-
-    def _reset_moments(self, param, positions: torch.Tensor) -> None:
-        if param in self._pieces:  # distributed optimizer: 1-D moments of this rank's pieces
-            flat = positions.flatten()
-            for lo, hi, piece in self._pieces[param]:
-                state = self.optimizer.optimizer.state.get(piece, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in state:
-                        state[key].masked_fill_(flat[lo:hi], 0.0)
-            return
-        state = getattr(self.optimizer, "state", {}).get(param, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key].masked_fill_(positions, 0.0)
+        if self.cfg.reset_optimizer_state and self.optimizer is not None:  # (none yet in transform_model)
+            self.optimizer.reset_state(w.param, zero)
 
     @torch.no_grad()
     def _random_masks(self, sparsity: float) -> None:
@@ -438,6 +432,9 @@ class MSTHooks(MethodHooks):
         self.flops_dense += dense
         self.flops_actual += actual
         self.last_flops = (dense, actual)
+
+    def flops(self, iteration: int) -> tuple[float, float]:
+        return self.last_flops
 
     def saved_x(self) -> float:
         return self.flops_dense / self.flops_actual if self.flops_actual else 1.0

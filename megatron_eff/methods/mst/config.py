@@ -1,0 +1,151 @@
+"""MST's configuration and command-line flags (`--mst-*`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from megatron_eff.config import require
+
+
+@dataclass
+class MSTConfig:
+    """Mixed Sparsity Training (`--mst-*`, docs/methods/mst.md). Phases are given as iterations
+    (`phase_iters`) or as fractions of `--train-iters` (`phase_fractions`); `schedule.MSTSchedule` resolves
+    them against the run length."""
+
+    enabled: bool = False
+    phase_iters: tuple[int, int, int] | None = None  # warm-up, ultra-sparse, restoration
+    phase_fractions: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    max_sparsity: float = 0.9
+    schedule: str = "staircase"  # staircase | linear | cubic
+    schedule_steps: int = 4  # stairs per ramp (staircase)
+    update_interval: int = 100
+    drop_fraction: float = 0.3
+    grow_grad_random_ratio: float = 3.0
+    distribution: str = "er"  # er | uniform
+    sparsify_head: bool = False
+    reset_optimizer_state: bool = True
+    hsa_pattern: str = "sparse"  # none | local | strided | sparse | fixed
+    hsa_window: int | None = None  # default: seq_length // 8 (128 at 1024)
+    hsa_iters: tuple[int, int] | None = None  # [start, end) iterations; default: the ultra-sparse phase
+    hsa_layers: tuple[int, ...] | None = None  # global layer indices; default: all
+    hsa_impl: str = "factorized"  # factorized (only the pattern's scores) | mask (SDPA + boolean mask)
+
+    def __post_init__(self) -> None:
+        if self.phase_iters is not None:
+            require(
+                len(self.phase_iters) == 3 and all(n >= 0 for n in self.phase_iters),
+                f"--mst-phase-iters needs three non-negative iteration counts WARM,ULTRA,RESTORE, got "
+                f"{self.phase_iters}",
+            )
+        require(
+            len(self.phase_fractions) == 3 and all(f >= 0 for f in self.phase_fractions)
+            and sum(self.phase_fractions) <= 1 + 1e-9,
+            f"--mst-phase-fractions needs three fractions >= 0 summing to <= 1, got {self.phase_fractions}",
+        )
+        require(0 <= self.max_sparsity < 1, f"--mst-max-sparsity must be in [0, 1), got {self.max_sparsity}")
+        require(
+            self.schedule in ("staircase", "linear", "cubic"),
+            f"--mst-schedule must be staircase, linear or cubic, got {self.schedule!r}",
+        )
+        require(self.schedule_steps >= 1, f"--mst-schedule-steps must be >= 1, got {self.schedule_steps}")
+        require(self.update_interval >= 1, f"--mst-update-interval must be >= 1, got {self.update_interval}")
+        require(0 <= self.drop_fraction < 1, f"--mst-drop-fraction must be in [0, 1), got {self.drop_fraction}")
+        require(
+            self.grow_grad_random_ratio >= 0,
+            f"--mst-grow-grad-random-ratio must be >= 0, got {self.grow_grad_random_ratio}",
+        )
+        require(
+            self.distribution in ("er", "uniform"),
+            f"--mst-distribution must be er or uniform, got {self.distribution!r}",
+        )
+        require(
+            self.hsa_pattern in ("none", "local", "strided", "sparse", "fixed"),
+            f"--mst-hsa-pattern must be none, local, strided, sparse or fixed, got {self.hsa_pattern!r}",
+        )
+        require(
+            self.hsa_impl in ("factorized", "mask"), f"--mst-hsa-impl must be factorized or mask, got {self.hsa_impl!r}"
+        )
+        if self.hsa_window is not None:
+            require(self.hsa_window >= 1, f"--mst-hsa-window must be >= 1, got {self.hsa_window}")
+        if self.hsa_iters is not None:
+            require(
+                len(self.hsa_iters) == 2 and 0 <= self.hsa_iters[0] <= self.hsa_iters[1],
+                f"--mst-hsa-iters needs START,END with 0 <= START <= END, got {self.hsa_iters}",
+            )
+
+    def check_run(self, config) -> None:
+        """Rules that need the model shape and the run length (`config`: the run's `Config`)."""
+        model, train = config.model, config.train
+        if self.phase_iters is not None:
+            require(
+                sum(self.phase_iters) <= train.train_iters,
+                f"--mst-phase-iters {','.join(map(str, self.phase_iters))} sums to more than --train-iters "
+                f"{train.train_iters}",
+            )
+        window = self.hsa_window or max(1, model.seq_length // 8)
+        if self.hsa_pattern == "fixed":
+            require(
+                model.seq_length % window == 0,
+                f"--mst-hsa-pattern fixed needs --seq-length {model.seq_length} divisible by --mst-hsa-window "
+                f"{window}",
+            )
+        for layer in self.hsa_layers or ():
+            require(
+                0 <= layer < model.num_layers,
+                f"--mst-hsa-layers: layer {layer} is not in [0, --num-layers {model.num_layers})",
+            )
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("MST: mixed sparsity training (docs/methods/mst.md)")
+    g.add_argument("--mst", action="store_true", help="train with MST: warm-up, ultra-sparse, restoration phases")
+    g.add_argument("--mst-phase-iters", type=_int_list, metavar="WARM,ULTRA,RESTORE",
+                   help="phase lengths in iterations (default: --mst-phase-fractions of --train-iters)")
+    g.add_argument("--mst-phase-fractions", type=_float_list, default=(0.25, 0.5, 0.25),
+                   metavar="WARM,ULTRA,RESTORE", help="phase lengths as fractions of --train-iters")
+    g.add_argument("--mst-max-sparsity", type=float, default=0.9, help="sparsity of the ultra-sparse phase")
+    g.add_argument("--mst-schedule", choices=["staircase", "linear", "cubic"], default="staircase",
+                   help="shape of the sparsity ramps of warm-up and restoration")
+    g.add_argument("--mst-schedule-steps", type=int, default=4, help="stairs per ramp (staircase schedule)")
+    g.add_argument("--mst-update-interval", type=int, default=100,
+                   help="iterations between topology updates (capped to a quarter of the shortest phase)")
+    g.add_argument("--mst-drop-fraction", type=float, default=0.3,
+                   help="zeta: fraction of active weights dropped, cosine-decayed over the run")
+    g.add_argument("--mst-grow-grad-random-ratio", type=float, default=3.0,
+                   help="r: r/(r+1) of the grown weights by gradient, the rest at random")
+    g.add_argument("--mst-distribution", choices=["er", "uniform"], default="er",
+                   help="per-layer density: Erdos-Renyi or the same for every layer")
+    g.add_argument("--mst-sparsify-head", action="store_true", help="also sparsify the output layer (tied: embedding)")
+    g.add_argument("--mst-reset-optimizer-state", action=argparse.BooleanOptionalAction, default=True,
+                   help="zero the AdamW moments of inactive and newly grown weights")
+    g.add_argument("--mst-hsa-pattern", choices=["none", "local", "strided", "sparse", "fixed"], default="sparse",
+                   help="hybrid sparse attention pattern inside its window (none: always dense causal)")
+    g.add_argument("--mst-hsa-window", type=int, help="pattern width/stride w (default: --seq-length / 8)")
+    g.add_argument("--mst-hsa-iters", type=_int_list, metavar="START,END",
+                   help="iterations [START, END) with sparse attention (default: the ultra-sparse phase)")
+    g.add_argument("--mst-hsa-layers", type=_int_list, metavar="I,J,...",
+                   help="global layer indices that use sparse attention (default: all)")
+    g.add_argument("--mst-hsa-impl", choices=["factorized", "mask"], default="factorized",
+                   help="factorized: compute only the pattern's scores; mask: SDPA with a boolean mask (reference)")
+
+
+def config_from_args(args: argparse.Namespace) -> MSTConfig:
+    return MSTConfig(
+        enabled=args.mst, phase_iters=args.mst_phase_iters, phase_fractions=args.mst_phase_fractions,
+        max_sparsity=args.mst_max_sparsity, schedule=args.mst_schedule, schedule_steps=args.mst_schedule_steps,
+        update_interval=args.mst_update_interval, drop_fraction=args.mst_drop_fraction,
+        grow_grad_random_ratio=args.mst_grow_grad_random_ratio, distribution=args.mst_distribution,
+        sparsify_head=args.mst_sparsify_head, reset_optimizer_state=args.mst_reset_optimizer_state,
+        hsa_pattern=args.mst_hsa_pattern, hsa_window=args.mst_hsa_window, hsa_iters=args.mst_hsa_iters,
+        hsa_layers=args.mst_hsa_layers, hsa_impl=args.mst_hsa_impl,
+    )

@@ -1,1 +1,0 @@
-"""Sparse training methods (MST), installed on a built model through `training.hooks`."""

@@ -1,0 +1,463 @@
+"""The trainer: builds every part of a run from a `Config`, exposes them, and runs a plain loop over iterations.
+
+    trainer = Trainer(config)      # process groups, model chunks, methods, grad sync, optimizer, precision,
+                                   # checkpoint, data, logger -- in that order
+    result = trainer.train()       # -> RunResult; `pretrain(config)` is `Trainer(config).train()`
+
+Build order, and why: the model chunks are built and initialised, then each training method transforms them
+(`Method.transform_model`: masks, selections, added parameters) before the gradient buckets and the optimizer
+exist, so what a method adds is bucketed, sharded and optimised like any parameter (`Method.param_groups`
+gives its own LR or ascent). Then the batch source (datasets and position), then `Method.attach(trainer)`, and
+only then the checkpoint is loaded -- methods' state is restored when the datasets and the optimizer exist.
+
+Each iteration: the methods' `before_iteration`; the batch source's global batch (a method's `select_batch`
+may replace it: coresets); `num_micro_batches` forward/backward passes under the layout's schedule with the
+loss contract (`parallel/pipeline.py`; methods add `loss_terms` on any stage); gradient sync; the methods'
+`after_backward`; global grad norm, NaN/inf check (skip the step, stop after `--max-bad-steps` in a row),
+clipping, AdamW step with the scheduled LR; `after_step`; then logging, evaluation (overall and per domain),
+checkpointing and exit checks. Tests and benchmarks read the parts off the trainer (`trainer.model`,
+`trainer.optimizer`, `trainer.methods`, ...) instead of patching module globals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_eff.config import Config
+from megatron_eff.data.samplers import MockGPTDataset, micro_batches
+from megatron_eff.dtypes import upcast
+from megatron_eff.methods import build_methods
+from megatron_eff.methods.base import MethodList
+from megatron_eff.model.gpt_model import GPTModel
+from megatron_eff.model.loss import lm_forward_step
+from megatron_eff.parallel.data_parallel import GradSync, finalize_gradients
+from megatron_eff.parallel.pipeline import activation_shape, get_forward_backward_func, pipeline_layer_ranges
+from megatron_eff.parallel.state import (
+    ParallelState,
+    communication_device,
+    init_distributed,
+    initialize_parallel_state,
+    use_cuda,
+)
+from megatron_eff.precision import PrecisionRuntime, apply_precision
+from megatron_eff.training import flops as flops_lib
+from megatron_eff.training.checkpointing import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
+from megatron_eff.training.loss import attach_aux_loss, aux_loss_scale, iteration_loss
+from megatron_eff.training.lr_schedule import learning_rate
+from megatron_eff.training.optimizer import build_optimizer, clip_gradients, global_grad_norm, set_learning_rate
+
+
+@dataclass
+class RunResult:
+    """What `train` returns: the final position and the per-iteration history (for tests and tools)."""
+
+    state: TrainState
+    losses: list[float] = field(default_factory=list)
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    valid_domain_losses: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    overflow: bool = False  # FP16 loss scaling: the scaled gradients overflowed (skipped, not a bad step)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_for_run() -> torch.device:
+    if use_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_context(config: Config, device: torch.device):
+    """BF16/FP16 autocast around forward; parameters (the master weights) stay FP32."""
+    if config.train.bf16:
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    if config.train.fp16:
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext
+
+
+def build_model(config: Config, pstate: ParallelState, device: torch.device) -> list[GPTModel]:
+    """This pipeline rank's model chunks (one without interleaving); layers keep their global indices."""
+    ranges = pipeline_layer_ranges(config.model.num_layers, pstate.pp_size,
+                                   config.parallel.num_layers_per_virtual_pipeline_stage)[pstate.pp_rank]
+    chunks = []
+    for v, layer_range in enumerate(ranges):
+        model = GPTModel(
+            config.model, pstate, layer_range=layer_range, pre_process=pstate.is_first_stage and v == 0,
+            post_process=pstate.is_last_stage and v == len(ranges) - 1,
+            sequence_parallel=config.parallel.sequence_parallel, seed=None,
+        )
+        apply_precision(model, config.precision, config.model)  # FP8 emulation, Unit Scaling: transforms
+        model.init_weights(config.train.seed)  # after the transforms, which may change the init rules
+        chunks.append(model.to(device))
+    return chunks
+
+
+def model_chunks(model) -> list[GPTModel]:
+    """`build_model`'s list, or a single model (tests and tools may pass one)."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def run_schedule(model, batches, num_micro_batches: int, config: Config, pstate: ParallelState, autocast,
+                 forward_only: bool = False, loss_scale: float = 1.0, forward_step=lm_forward_step) -> list:
+    """Forward/backward of one iteration with this layout's schedule (no pipelining, 1F1B, interleaved);
+    the per-micro-batch `MicroBatchLoss`es on the last stage."""
+    chunks = model_chunks(model)
+    schedule = get_forward_backward_func(pstate, virtual=len(chunks) > 1)
+    shape = activation_shape(config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size,
+                             pstate.tp_size, config.parallel.sequence_parallel)
+    return schedule(chunks, batches, num_micro_batches, pstate=pstate, tensor_shape=shape,
+                    forward_only=forward_only, autocast=autocast, loss_scale=loss_scale, forward_step=forward_step,
+                    per_token_loss=config.train.calculate_per_token_loss and not forward_only)
+
+
+def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
+    """(train, valid) datasets sized for the whole run; valid is None when there is no valid split."""
+    gbs = config.train.resolved_global_batch_size(pstate.dp_size)
+    train_samples = config.train.train_iters * gbs
+    valid_samples = config.train.eval_iters * gbs
+    seq = config.model.seq_length
+    if config.data.mock_data:
+        train = MockGPTDataset(train_samples, seq, vocab_size, config.train.seed)
+        valid = MockGPTDataset(valid_samples, seq, vocab_size, config.train.seed + 1) if valid_samples else None
+        return train, valid
+    from megatron_eff.data.builders import build_train_valid_test_datasets
+
+    train, valid, _ = build_train_valid_test_datasets(
+        config.data.data_path, config.data.split, (train_samples, valid_samples, 0), seq,
+        config.train.seed, config.data.data_cache_path,
+    )
+    return train, valid
+
+
+def train_step(model, optimizer, batches, num_micro_batches: int, config: Config, pstate: ParallelState,
+               lr: float, autocast, grad_sync: GradSync | None = None, methods: MethodList | None = None,
+               iteration: int = 0, precision: PrecisionRuntime | None = None, forward_step=lm_forward_step,
+               ) -> StepResult:
+    """One iteration over `num_micro_batches` micro-batches; the step is skipped on a NaN/inf.
+
+    `grad_sync` (bucketed, possibly overlapped / sharded gradient reduction) is armed before the schedule
+    and finished after it; without one, gradients are reduced by `finalize_gradients`. `methods` see the
+    reduced gradients (`after_backward`) and the stepped weights (`after_step`) of `iteration`.
+    `precision` scales the loss before backward (FP16 loss scaler; x M under Unit Scaling) and the gradients
+    back after it; an overflow of scaled FP16 gradients skips the step as `overflow`, not as a bad step."""
+    params = [p for chunk in model_chunks(model) for p in chunk.parameters() if p.requires_grad]
+    if grad_sync is not None:
+        grad_sync.start(num_micro_batches)  # zero the grad buffer; reductions start on the last micro-batch
+    else:
+        for p in params:
+            p.grad = None
+    loss_scale = precision.loss_scale(num_micro_batches) if precision is not None else 1.0
+    results = run_schedule(model, batches, num_micro_batches, config, pstate, autocast, loss_scale=loss_scale,
+                           forward_step=forward_step)
+    if grad_sync is not None:
+        grad_sync.finish()
+    else:
+        finalize_gradients(params, pstate)
+    # The distributed optimizer's main params are this rank's shard pieces, normed over every rank.
+    main_params = getattr(optimizer, "main_params", params)
+    per_token = config.train.calculate_per_token_loss
+    loss, tokens = iteration_loss(results, pstate, per_token)
+    if per_token:  # the DP all-reduce averaged sums of token losses: x dp / (global token count)
+        grads = [p.grad for p in main_params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, pstate.dp_size / max(tokens, 1.0))
+    if precision is not None:
+        precision.unscale_(main_params, loss_scale)
+    if methods is not None:
+        methods.after_backward(iteration)
+    norm_group = getattr(optimizer, "grad_norm_group", pstate.model_parallel_group)
+    grad_norm = global_grad_norm(main_params, norm_group, is_owner=lambda p: _counts_once(p, pstate))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        for p in params:
+            p.grad = None
+        overflow = math.isfinite(loss) and precision is not None and precision.loss_scaler is not None
+        if precision is not None:
+            precision.end_step(overflow)
+        return StepResult(loss, grad_norm, skipped=True, overflow=overflow)
+    clip_gradients(main_params, config.optim.clip_grad, grad_norm)
+    set_learning_rate(optimizer, lr, max(iteration - 1, 0), config.optim, config.train.train_iters)
+    optimizer.step()
+    if precision is not None:
+        precision.end_step(overflow=False)
+    if methods:
+        if grad_sync is not None:  # methods read and write the weights: finish the parameter gather
+            grad_sync.finish_param_gather()
+        methods.after_step(iteration)
+    return StepResult(loss, grad_norm, skipped=False)
+
+
+def _counts_once(param, pstate: ParallelState) -> bool:
+    """In the global norm, replicated TP params count on TP rank 0 only, tied copies on the first stage."""
+    if getattr(param, "partition_dim", None) is None and pstate.tp_rank != 0:
+        return False
+    return not (getattr(param, "shared_embedding", False) and not pstate.is_first_stage)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, config: Config, pstate: ParallelState, autocast) -> float:
+    """Mean loss over the first `--eval-iters` global batches of `dataset` (the same batches every time)."""
+    for chunk in model_chunks(model):
+        chunk.eval()
+    m = config.train.num_micro_batches(pstate.dp_size)
+    # In this process (no --num-workers): each validation reads a few batches from the start, and worker
+    # processes forked afresh every time would cost more than they save.
+    batches = micro_batches(dataset, 0, config.train.micro_batch_size, pstate.dp_rank, pstate.dp_size)
+    results = []
+    for _ in range(config.train.eval_iters):
+        results += run_schedule(model, batches, m, config, pstate, autocast, forward_only=True)
+    for chunk in model_chunks(model):
+        chunk.train()
+    return iteration_loss(results, pstate)[0]
+
+
+class _ExitSignal:
+    """Remembers a SIGTERM so the loop can save and exit at the end of the iteration."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=communication_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _layout(pstate: ParallelState) -> dict:
+    return {"tp": pstate.tp_size, "pp": pstate.pp_size, "dp": pstate.dp_size}
+
+
+class _SequentialBatches:
+    """The global batches of a run in order, this DP rank's micro-batches of each, from a consumed-sample
+    count that counts what was really read (resumes continue at the next sample)."""
+
+    def __init__(self, dataset, consumed_samples: int, config: Config, pstate: ParallelState):
+        self.global_batch_size = config.train.resolved_global_batch_size(pstate.dp_size)
+        self.num_micro_batches = config.train.num_micro_batches(pstate.dp_size)
+        self.consumed_samples = consumed_samples
+        self._iterator = micro_batches(dataset, consumed_samples, config.train.micro_batch_size, pstate.dp_rank,
+                                       pstate.dp_size, config.data.num_workers)
+
+    def next_global_batch(self) -> list[dict]:
+        batch = [next(self._iterator) for _ in range(self.num_micro_batches)]
+        self.consumed_samples += self.global_batch_size
+        return batch
+
+
+class Trainer:
+    """A run's parts, built from `config` in the order the module docstring gives, and its loop."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.start_time = time.time()
+        init_distributed()
+        parallel = config.parallel
+        self.pstate = pstate = initialize_parallel_state(parallel.tensor_model_parallel_size,
+                                                         parallel.pipeline_model_parallel_size)
+        self.device = device_for_run()
+        set_seed(config.train.seed)
+        self.model = model_chunks(build_model(config, pstate, self.device))
+        self.methods = build_methods(config, pstate)
+        self.methods.transform_model(self.model)  # before the buckets and the optimizer: what it adds trains
+        self.named_params = {name: p for chunk in self.model for name, p in chunk.named_parameters()}
+        self.grad_sync = GradSync(
+            list(self.named_params.values()), pstate, bucket_size=parallel.ddp_bucket_size,
+            overlap=parallel.overlap_grad_reduce, shard=parallel.use_distributed_optimizer,
+            overlap_param_gather=parallel.overlap_param_gather,
+        )
+        self.grad_sync.install_param_gather_hooks(self.model)  # --overlap-param-gather: wait per module
+        self.optimizer = build_optimizer(self.named_params.items(), config.optim, self.grad_sync,
+                                         self.methods.param_groups())
+        self.precision = PrecisionRuntime(config, self.model, pstate)  # loss scaling, FP8 state, TE autocast
+        self.autocast = self.precision.wrap_autocast(autocast_context(config, self.device))
+        log(f"model: {sum(p.numel() for p in self.named_params.values()):,} parameters on this rank "
+            f"({pstate.describe()})", pstate.rank == 0)
+        self.state = TrainState()
+        self.train_ds, self.valid_ds = build_datasets(config, pstate, config.model.vocab_size)
+        self.batch_source = None  # after the checkpoint: it starts at the loaded position
+        self.methods.attach(self)
+        self._load_checkpoint()
+        self.batch_source = _SequentialBatches(self.train_ds, self.state.consumed_train_samples, config, pstate)
+        self.is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
+        self.logger = TrainingLogger(
+            enabled=self.is_logger, tensorboard_dir=config.logging.tensorboard_dir,
+            train_iters=config.train.train_iters, world_size=pstate.world_size,
+            peak_tflops=config.logging.peak_tflops or guess_peak_tflops(self.device),
+            seq_length=config.model.seq_length,
+        )
+        self.result = RunResult(self.state)
+
+    # --- building -----------------------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> None:
+        config, pstate = self.config, self.pstate
+        load = config.checkpoint.load
+        if load and find_checkpoint(load) is None:  # as Megatron-LM: start fresh
+            log(f"WARNING: could not find a checkpoint in --load {load}; will not load any checkpoint and will "
+                "start from random", pstate.rank == 0)
+        elif load:
+            self.state = load_checkpoint(
+                load, self.named_params, self.optimizer, finetune=config.checkpoint.finetune,
+                load_optim=not config.checkpoint.no_load_optim, load_rng=not config.checkpoint.no_load_rng,
+                layout=_layout(pstate), pstate=pstate, methods=self.methods,
+                extra_state=self.precision.state_tensors(), rank_state_loader=self.precision.load_rank_state,
+            )
+            log(f"loaded {load} at iteration {self.state.iteration}", pstate.rank == 0)
+
+    # --- one iteration ------------------------------------------------------------------------------------
+
+    def forward_step(self, chunk, batch: dict, input_tensor):
+        """The LM forward step, with the methods' auxiliary loss terms attached on this chunk's stage."""
+        output, loss_func = lm_forward_step(chunk, batch, input_tensor)
+        terms = self.methods.loss_terms(chunk, batch) if self.methods else {}
+        if terms and torch.is_grad_enabled():
+            train = self.config.train
+            scale = aux_loss_scale(self._loss_scale, train.num_micro_batches(self.pstate.dp_size),
+                                   train.calculate_per_token_loss,
+                                   train.micro_batch_size * self.config.model.seq_length)
+            output = attach_aux_loss(output, torch.stack([upcast(t) for t in terms.values()]).sum(), scale)
+        return output, loss_func
+
+    def train_step(self, batches: list[dict], iteration: int, lr: float) -> StepResult:
+        self._loss_scale = self.precision.loss_scale(len(batches))
+        return train_step(self.model, self.optimizer, iter(batches), len(batches), self.config, self.pstate, lr,
+                          self.autocast, self.grad_sync, methods=self.methods, iteration=iteration,
+                          precision=self.precision, forward_step=self.forward_step)
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.valid_ds, self.config, self.pstate, self.autocast)
+
+    def save(self) -> None:
+        if not self.config.checkpoint.save:
+            return
+        self.grad_sync.finish_param_gather()  # --overlap-param-gather: the stepped weights, not the last forward's
+        with self.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
+            path = save_checkpoint(
+                self.config.checkpoint.save, self.state, self.named_params, self.optimizer,
+                self.config.to_dict(), _layout(self.pstate), self.pstate, methods=self.methods,
+                extra_state=self.precision.state_tensors(), rank_state=self.precision.rank_state(),
+            )
+        log(f"saved checkpoint {path}", self.pstate.rank == 0)
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
+    def _account_skips(self, result: StepResult, bad_steps: int) -> int:
+        """Log a skipped step; returns the new count of consecutive non-finite steps (stops at the limit).
+        FP16 overflows are expected now and then (the loss scale adapts) and are not counted."""
+        state, rank0 = self.state, self.pstate.rank == 0
+        if result.overflow:
+            state.skipped_iterations += 1
+            log(f"iteration {state.iteration}: FP16 gradient overflow, step skipped; loss scale now "
+                f"{self.precision.loss_scaler.scale:g}", rank0)
+            return bad_steps
+        if not result.skipped:
+            return 0
+        state.skipped_iterations += 1
+        log(f"WARNING: iteration {state.iteration}: non-finite loss {result.loss} or grad norm "
+            f"{result.grad_norm}; step skipped ({bad_steps + 1} in a row)", rank0)
+        if bad_steps + 1 >= self.config.train.max_bad_steps:
+            raise RuntimeError(f"{bad_steps + 1} consecutive non-finite steps (--max-bad-steps); stopping")
+        return bad_steps + 1
+
+    def _validate(self) -> None:
+        with self.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
+            val = self.evaluate()
+        iteration = self.state.iteration
+        log(f"validation at iter {iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}", self.is_logger)
+        self.result.valid_losses[iteration] = val
+        self.logger.scalars(iteration, {"valid/loss": val, "valid/ppl": math.exp(min(val, 50))})
+        self.methods.on_validation(iteration, {"loss": val})
+
+    def _exit_reason(self, exit_signal: _ExitSignal) -> str | None:
+        """Why to stop after this iteration (all ranks agree), or None to go on."""
+        train = self.config.train
+        minutes = (time.time() - self.start_time) / 60
+        timed_out = train.exit_duration_in_mins is not None and minutes > train.exit_duration_in_mins
+        if _any_rank(exit_signal.received or timed_out):
+            return "signal" if exit_signal.received else "duration"
+        if train.exit_interval and self.state.iteration % train.exit_interval == 0:
+            return "--exit-interval"
+        return None
+
+    def train(self) -> RunResult:
+        """Run training as configured. Collective under torchrun."""
+        config, pstate, state, train = self.config, self.pstate, self.state, self.config.train
+        tokens_per_iter = train.resolved_global_batch_size(pstate.dp_size) * config.model.seq_length
+        # Model FLOPs (no recompute), the numerator of MFU.
+        flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter, config.model.seq_length)
+        exit_signal = _ExitSignal(train.exit_signal_handler)
+        bad_steps, saved_last = 0, False
+        for chunk in self.model:
+            chunk.train()
+        while state.iteration < train.train_iters:
+            iteration = state.iteration + 1
+            lr = learning_rate(state.iteration, config.optim, train.train_iters)
+            self.methods.before_iteration(iteration)
+            batches = self.batch_source.next_global_batch()
+            result = self.train_step(batches, iteration, lr)
+            state.iteration = iteration
+            state.consumed_train_samples = self.batch_source.consumed_samples
+            bad_steps = self._account_skips(result, bad_steps)
+            self.result.losses.append(result.loss)
+            self.logger.record(result.loss, tokens_per_iter, flops_per_iter, skipped=result.skipped)
+            if state.iteration % train.log_interval == 0:
+                self.logger.flush(state, lr, result.grad_norm, loss_scale=self.precision.fp16_loss_scale,
+                                  extra=self.methods.log_scalars())
+            if self.valid_ds is not None and train.eval_iters and state.iteration % train.eval_interval == 0:
+                self._validate()
+            interval = config.checkpoint.save_interval
+            saved_last = bool(interval) and state.iteration % interval == 0
+            if saved_last:
+                self.save()
+            reason = self._exit_reason(exit_signal)
+            if reason:
+                if not saved_last:
+                    self.save()
+                log(f"exiting at iteration {state.iteration} ({reason})", pstate.rank == 0)
+                break
+        else:
+            if not saved_last:
+                self.save()
+        self.close()
+        return self.result
+
+    def close(self) -> None:
+        self.grad_sync.finish_param_gather()  # the last step's weights, for whoever reads the model next
+        summary = self.methods.summary()
+        if summary:
+            log(summary, self.is_logger)
+        self.logger.close()
+
+
+def pretrain(config: Config) -> RunResult:
+    """Run training as configured (`Trainer(config).train()`). Collective under torchrun."""
+    return Trainer(config).train()

@@ -9,7 +9,9 @@ Writes `OUT.pt` (from global rank 0) = {"losses": [...], "params": {global_name:
 "optimizer_numel": [per rank]}: the per-iteration losses, every parameter reassembled across TP shards and
 PP stages, and how many optimizer-state elements each rank holds; plus "tied_copies" = {"output_layer.weight":
 full tensor} when a last pipeline stage holds a copy of the tied embedding, and "masks" = {module name: full
-boolean `weight_mask`} when a method (MST) installed masks.
+boolean `weight_mask`} when a method (MST) installed masks. With `DUMMY_METHOD=1` the contract-test method
+(`tests/dist/dummy_method.py`) is registered (`--dummy` turns it on) and "method" = {"events": its event
+counts, "ema": {global layer index: value}} is added.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_eff import methods  # noqa: E402
 from megatron_eff.arguments import config_from_args, parse_args  # noqa: E402
 from megatron_eff.parallel.state import shutdown_distributed  # noqa: E402
 from megatron_eff.training.trainer import Trainer  # noqa: E402
@@ -58,9 +61,21 @@ def optimizer_state_numel(optimizer) -> int:
 def main() -> None:
     out, flags = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     torch.set_default_dtype(getattr(torch, os.environ.get("PARITY_DTYPE", "float64")))
+    if os.environ.get("DUMMY_METHOD") == "1":
+        methods.REGISTRY["dummy"] = "tests.dist.dummy_method"
     trainer = Trainer(config_from_args(parse_args(flags)))
     result = trainer.train()
     pstate, models = trainer.pstate, trainer.model
+    dummy = trainer.methods.get("dummy")
+    method = None
+    if dummy is not None:
+        method = {"events": dict(dummy.events),
+                  "ema": {i: layer.dummy_ema.item() for i, layer in zip(dummy.indices, dummy.layers)}}
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, method)
+            method = {"events": [g["events"] for g in gathered],
+                      "ema": {i: v for g in gathered for i, v in g["ema"].items()}}
     params, tied_copies, masks = {}, {}, {}
     for model in models:
         masks.update(full_masks(model, pstate))
@@ -81,7 +96,7 @@ def main() -> None:
         dist.all_gather_object(optimizer_numel, optimizer_state_numel(trainer.optimizer))
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
-                    "tied_copies": tied_copies, "masks": masks}, out)
+                    "tied_copies": tied_copies, "masks": masks, "method": method}, out)
     shutdown_distributed()
 
 

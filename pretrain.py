@@ -9,11 +9,10 @@
 
 import sys
 
-from megatron_eff.training.trainer import pretrain
-
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.launch import check_launch
 from megatron_eff.parallel.state import shutdown_distributed
+from megatron_eff.training.trainer import pretrain
 
 
 def tokenizer_vocab_size(args) -> int | None:

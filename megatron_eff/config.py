@@ -364,7 +364,7 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
     hysteresis: int = 2
     unit_scaling: bool = False
-    unit_scaling_residual_tau_attn: float = 0.01  # v0.1 defaults of the unit-scaling library (METHODS.md)
+    unit_scaling_residual_tau_attn: float = 0.01  # v0.1 defaults of the unit-scaling library (README: Precision)
     unit_scaling_residual_tau_mlp: float = 0.5
 
     def __post_init__(self) -> None:

@@ -80,7 +80,7 @@ def count_parameters(config: ModelConfig, tp: int = 1) -> int:
 
 
 # --- Sparse training (MST) -------------------------------------------------------------------------------
-# Our accounting (METHODS.md section 1; the paper's exact definition is unconfirmed):
+# Our accounting (README.md, "MST — Mixed Sparsity Training"; the paper's exact definition is unconfirmed):
 # - a sparse linear of density d costs 2 * tokens * d * n_in * n_out forward and 2x that backward;
 # - at a topology-update iteration its weight gradient is computed dense (for growing), RigL's accounting:
 #   forward d * F + input-gradient d * F + dense weight-gradient F instead of 3 d F;

@@ -1,4 +1,4 @@
-"""Mixed Sparsity Training (MST) as a training method: docs/methods/mst.md."""
+"""Mixed Sparsity Training (MST) as a training method: README.md, "MST — Mixed Sparsity Training"."""
 
 from megatron_eff.methods.mst.config import MSTConfig as Config
 from megatron_eff.methods.mst.config import add_arguments, config_from_args

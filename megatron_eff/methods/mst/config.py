@@ -10,7 +10,7 @@ from megatron_eff.config import require
 
 @dataclass
 class MSTConfig:
-    """Mixed Sparsity Training (`--mst-*`, docs/methods/mst.md). Phases are given as iterations
+    """Mixed Sparsity Training (`--mst-*`, README.md, "MST — Mixed Sparsity Training"). Phases are given as iterations
     (`phase_iters`) or as fractions of `--train-iters` (`phase_fractions`); `schedule.MSTSchedule` resolves
     them against the run length."""
 
@@ -107,7 +107,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("MST: mixed sparsity training (docs/methods/mst.md)")
+    g = parser.add_argument_group("MST: mixed sparsity training (README.md, section MST)")
     g.add_argument("--mst", action="store_true", help="train with MST: warm-up, ultra-sparse, restoration phases")
     g.add_argument("--mst-phase-iters", type=_int_list, metavar="WARM,ULTRA,RESTORE",
                    help="phase lengths in iterations (default: --mst-phase-fractions of --train-iters)")

@@ -1,5 +1,6 @@
 """Mixed Sparsity Training (MST; Hu, Li, Huang 2024, arXiv 2408.11746): dynamic sparse training of the
-transformer's linears through three phases, plus Hybrid Sparse Attention. See docs/methods/mst.md.
+transformer's linears through three phases, plus Hybrid Sparse Attention. See README.md, section "MST — Mixed
+Sparsity Training".
 
     warm-up (dense -> s_max)  |  ultra-sparse (s_max)  |  restoration (s_max -> dense)  [| dense rest]
 

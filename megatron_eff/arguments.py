@@ -128,6 +128,12 @@ def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
+                   action="store_true", help="on resume, keep the LR schedule (--lr, --min-lr, decay style and "
+                   "length, warm-up) of the checkpoint's run instead of these flags'")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use these flags' LR schedule even where it differs from the checkpoint's "
+                   "(without this, a difference is used but warned about)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -177,15 +183,26 @@ def precision_config_from_args(args: argparse.Namespace) -> PrecisionConfig:
     return PrecisionConfig(**{name: getattr(args, name) for name in names})
 
 
+def document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every flag's default in `--help`, once: "(default: X)" is appended unless the help text already says
+    what the default is; flags that default to off or unset show none."""
+    for action in parser._actions:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or not action.option_strings or unset:
+            continue
+        action.help = f"{text} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain.py",
         description="megatron_eff pretraining (GPT-2 and LLaMA shapes). Flags follow Megatron-LM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (_model_group, _parallel_group, _training_group, _data_group, _checkpoint_logging_group,
                 _precision_group, add_method_arguments):
         add(parser)
+    document_defaults(parser)
     return parser
 
 
@@ -245,6 +262,8 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+            use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler=args.override_opt_param_scheduler,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops),
         methods=method_configs_from_args(args),

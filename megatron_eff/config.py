@@ -327,11 +327,15 @@ class CheckpointConfig:
     finetune: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False  # resume: the LR schedule of the checkpoint's run
+    override_opt_param_scheduler: bool = False  # resume: the LR schedule of these flags, without a warning
 
     def __post_init__(self) -> None:
         if self.save_interval is not None:
             require(self.save_interval > 0, f"--save-interval must be positive, got {self.save_interval}")
             require(self.save is not None, "--save-interval needs --save DIR")
+        require(not (self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler),
+                "--use-checkpoint-opt_param-scheduler and --override-opt_param-scheduler are mutually exclusive")
 
 
 @dataclass

@@ -31,6 +31,21 @@ def _as_float(text: str) -> float | None:
         return None
 
 
+def _did_you_mean(prefix: str) -> str:
+    """A hint when `prefix` is preprocess_data.py's --output-prefix rather than the prefix it wrote
+    (`OUTPUT_PREFIX_text_document`, or another `--json-keys` key)."""
+    directory, base = os.path.split(prefix)
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return ""
+    candidates = sorted(name[: -len(".idx")] for name in names
+                        if name.startswith(base + "_") and name.endswith("_document.idx"))
+    found = [os.path.join(directory, name) for name in candidates
+             if os.path.isfile(os.path.join(directory or ".", name + ".bin"))]
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
+
+
 def parse_data_path(data_path: list[str] | str) -> tuple[list[str], list[float]]:
     """``--data-path`` values -> (prefixes, normalised weights); checks ``PREFIX.bin``/``.idx`` exist."""
     items = [data_path] if isinstance(data_path, str) else list(data_path)
@@ -52,7 +67,7 @@ def parse_data_path(data_path: list[str] | str) -> tuple[list[str], list[float]]
     for prefix in prefixes:
         for path in (data_file_path(prefix), index_file_path(prefix)):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"--data-path {prefix}: {path} not found")
+                raise FileNotFoundError(f"--data-path {prefix}: {path} not found{_did_you_mean(prefix)}")
     if raw_weights is None:
         raw_weights = [float(IndexedDataset(p).sequence_lengths.sum(dtype=np.int64)) for p in prefixes]
     try:

@@ -5,6 +5,7 @@ A pure function of the iteration, so resuming needs nothing but the iteration nu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from megatron_eff.config import OptimizerConfig
@@ -25,3 +26,29 @@ def learning_rate(iteration: int, config: OptimizerConfig, train_iters: int) -> 
     else:  # cosine
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.min_lr + coeff * (config.lr - config.min_lr)
+
+
+# The flags that shape the schedule, by OptimizerConfig field (the decay length also follows --train-iters).
+SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "lr_decay_style": "--lr-decay-style",
+                  "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_iters": "--lr-decay-iters"}
+
+
+def schedule_differences(config: OptimizerConfig, train_iters: int, saved_optim: dict, saved_train_iters: int,
+                         ) -> dict[str, tuple]:
+    """{flag: (checkpoint's value, this run's value)} for the schedule settings that differ from those of
+    the run that wrote a checkpoint (`saved_optim`: its `OptimizerConfig` as a dict)."""
+    differences = {flag: (saved_optim.get(field), getattr(config, field)) for field, flag in SCHEDULE_FLAGS.items()
+                   if field in saved_optim and saved_optim[field] != getattr(config, field)}
+    saved_length = saved_optim.get("lr_decay_iters") or saved_train_iters
+    length = config.lr_decay_iters or train_iters
+    if saved_length != length and "--lr-decay-iters" not in differences:
+        differences["--train-iters (the decay length)"] = (saved_length, length)
+    return differences
+
+
+def checkpoint_schedule(config: OptimizerConfig, saved_optim: dict, saved_train_iters: int) -> OptimizerConfig:
+    """`config` with the checkpoint's schedule settings (Megatron's --use-checkpoint-opt_param-scheduler): the
+    decay keeps the length it had in the run that wrote the checkpoint."""
+    values = {field: saved_optim[field] for field in SCHEDULE_FLAGS if field in saved_optim}
+    values["lr_decay_iters"] = saved_optim.get("lr_decay_iters") or saved_train_iters
+    return dataclasses.replace(config, **values)

@@ -51,11 +51,18 @@ from megatron_eff.parallel.state import (
 )
 from megatron_eff.precision import PrecisionRuntime, apply_precision
 from megatron_eff.training import flops as flops_lib
-from megatron_eff.training.checkpointing import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from megatron_eff.training.checkpointing import (
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
 from megatron_eff.training.loss import attach_aux_loss, aux_loss_scale, iteration_loss
-from megatron_eff.training.lr_schedule import learning_rate
+from megatron_eff.training.lr_schedule import checkpoint_schedule, learning_rate, schedule_differences
 from megatron_eff.training.optimizer import build_optimizer, clip_gradients, global_grad_norm, set_learning_rate
+from megatron_eff.training.report import end_summary, startup_summary
 
 
 @dataclass
@@ -308,6 +315,9 @@ class Trainer:
         self._load_checkpoint()
         self.batch_source = _SequentialBatches(self.train_ds, self.state.consumed_train_samples, config, pstate)
         self.is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
+        self.last_checkpoint: str | None = None
+        log(startup_summary(config, pstate, self.train_ds, self.valid_ds, [m.name for m in self.methods],
+                            self.state.iteration), pstate.rank == 0)
         self.logger = TrainingLogger(
             enabled=self.is_logger, tensorboard_dir=config.logging.tensorboard_dir,
             train_iters=config.train.train_iters, world_size=pstate.world_size,
@@ -332,6 +342,29 @@ class Trainer:
                 extra_state=self.precision.state_tensors(), rank_state_loader=self.precision.load_rank_state,
             )
             log(f"loaded {load} at iteration {self.state.iteration}", pstate.rank == 0)
+            if not config.checkpoint.finetune:
+                self._resume_schedule(load)
+
+    def _resume_schedule(self, load: str) -> None:
+        """The LR schedule on resume: the checkpoint's (--use-checkpoint-opt_param-scheduler), or these flags',
+        with a warning naming what differs unless --override-opt_param-scheduler says it is meant."""
+        config, rank0 = self.config, self.pstate.rank == 0
+        saved = read_meta(load)[1].get("config", {})
+        if "optim" not in saved or "train" not in saved:
+            return
+        saved_optim, saved_iters = saved["optim"], saved["train"]["train_iters"]
+        if config.checkpoint.use_checkpoint_opt_param_scheduler:
+            config.optim = checkpoint_schedule(config.optim, saved_optim, saved_iters)
+            log(f"LR schedule of the checkpoint's run (--use-checkpoint-opt_param-scheduler): --lr {config.optim.lr:g}"
+                f", --min-lr {config.optim.min_lr:g}, {config.optim.lr_decay_style} decay over "
+                f"{config.optim.lr_decay_iters} iterations", rank0)
+            return
+        differences = schedule_differences(config.optim, config.train.train_iters, saved_optim, saved_iters)
+        if differences and not config.checkpoint.override_opt_param_scheduler:
+            listed = "; ".join(f"{flag} {old} -> {new}" for flag, (old, new) in differences.items())
+            log(f"WARNING: the LR schedule differs from the checkpoint's run ({listed}): the LR at iteration "
+                f"{self.state.iteration + 1} follows these flags and may jump. To keep the old schedule pass "
+                "--use-checkpoint-opt_param-scheduler; to silence this, --override-opt_param-scheduler", rank0)
 
     # --- one iteration ------------------------------------------------------------------------------------
 
@@ -366,6 +399,7 @@ class Trainer:
                 self.config.to_dict(), _layout(self.pstate), self.pstate, methods=self.methods,
                 extra_state=self.precision.state_tensors(), rank_state=self.precision.rank_state(),
             )
+        self.last_checkpoint = path
         log(f"saved checkpoint {path}", self.pstate.rank == 0)
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -416,6 +450,10 @@ class Trainer:
         flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter, config.model.seq_length)
         exit_signal = _ExitSignal(train.exit_signal_handler)
         bad_steps, saved_last = 0, False
+        start_iteration = state.iteration
+        if state.iteration >= train.train_iters:
+            log(f"nothing to train: the loaded checkpoint is at iteration {state.iteration} and --train-iters is "
+                f"{train.train_iters}; raise --train-iters to continue", pstate.rank == 0)
         for chunk in self.model:
             chunk.train()
         while state.iteration < train.train_iters:
@@ -429,7 +467,8 @@ class Trainer:
             bad_steps = self._account_skips(result, bad_steps)
             self.result.losses.append(result.loss)
             self.logger.record(result.loss, tokens_per_iter, flops_per_iter, skipped=result.skipped)
-            if state.iteration % train.log_interval == 0:
+            reason = self._exit_reason(exit_signal)
+            if state.iteration % train.log_interval == 0 or state.iteration == train.train_iters or reason:
                 self.logger.flush(state, lr, result.grad_norm, loss_scale=self.precision.fp16_loss_scale,
                                   extra=self.methods.log_scalars())
             if self.valid_ds is not None and train.eval_iters and state.iteration % train.eval_interval == 0:
@@ -438,16 +477,17 @@ class Trainer:
             saved_last = bool(interval) and state.iteration % interval == 0
             if saved_last:
                 self.save()
-            reason = self._exit_reason(exit_signal)
             if reason:
                 if not saved_last:
                     self.save()
                 log(f"exiting at iteration {state.iteration} ({reason})", pstate.rank == 0)
                 break
         else:
-            if not saved_last:
+            if not saved_last and state.iteration > start_iteration:
                 self.save()
         self.close()
+        tokens = (state.iteration - start_iteration) * tokens_per_iter
+        log(end_summary(self.result, tokens, time.time() - self.start_time, self.last_checkpoint), self.is_logger)
         return self.result
 
     def close(self) -> None:

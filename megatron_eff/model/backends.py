@@ -5,7 +5,7 @@ activation-recompute function, so tensor parallelism and precision are a choice 
 - `local`: pure PyTorch — `megatron_eff.parallel.layers` (column/row-parallel linears), `norms.py`, SDPA
   (`model.attention.CoreAttention`) and `torch.utils.checkpoint`.
 - `transformer_engine`: TE modules (fused norm + linear, DotProductAttention) and TE's checkpoint,
-  `megatron_eff/precision/transformer_engine.py`; imported lazily, so without TE/CUDA only that flag fails
+  `megatron_eff/model/te_backend.py`; imported lazily, so without TE/CUDA only that flag fails
   (with a clear message).
 FP8 emulation and Unit Scaling transform the built model (`megatron_eff/precision/`), not the backend.
 """
@@ -65,7 +65,7 @@ def build_backend(config: ModelConfig, pstate: ParallelState, sequence_parallel:
     if config.transformer_impl == "local":
         return LocalBackend(config, pstate, sequence_parallel)
     if config.transformer_impl == "transformer_engine":
-        from megatron_eff.precision.transformer_engine import TEBackend  # lazy: TE only when asked for
+        from megatron_eff.model.te_backend import TEBackend  # lazy: TE only when asked for
 
         return TEBackend(config, pstate, sequence_parallel)
     raise ValueError(

@@ -28,7 +28,7 @@ def check_launch(config: Config, world_size: int | None = None) -> int:
                           f"--global-batch-size {train.resolved_global_batch_size(dp)} / (--micro-batch-size "
                           f"{train.micro_batch_size} x data-parallel size {dp}) = ")
     if config.model.transformer_impl == "transformer_engine":
-        from megatron_eff.precision.transformer_engine import check_transformer_engine
+        from megatron_eff.model.te_backend import check_transformer_engine
 
         check_transformer_engine()
     if not config.data.mock_data:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron_eff.sparsity import mst as mst_lib
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_eff.methods.mst import method as mst_lib
 from megatron_eff.methods.mst.attention_patterns import PATTERNS, attention_pattern, masked_sdpa, sparse_attention
 from tests.test_mst import FLAGS, run
 

@@ -16,7 +16,7 @@ from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.config import ModelConfig, PrecisionConfig
 from megatron_eff.methods.mst.attention_patterns import masked_sdpa
 from megatron_eff.model.gpt_model import GPTModel
-from megatron_eff.precision.transformer_engine import local_parameter_name, te_parameter_name
+from megatron_eff.model.te_backend import local_parameter_name, te_parameter_name
 
 
 def _te_usable() -> bool:
@@ -237,7 +237,7 @@ def test_te_backend_wiring_on_a_stand_in(fake_te):
     model matches the local one on the same weights, MST's mask and the KV cache bypass DotProductAttention,
     and only TE modules with FP8 state are saved (not DotProductAttention's kernel submodules)."""
     from megatron_eff.model.inference_cache import InferenceCache
-    from megatron_eff.precision.transformer_engine import load_te_extra_state, te_extra_state
+    from megatron_eff.model.te_backend import load_te_extra_state, te_extra_state
 
     te_model = GPTModel(ModelConfig(**GQA, transformer_impl="transformer_engine")).eval()
     local = GPTModel(ModelConfig(**GQA)).eval()

@@ -12,7 +12,15 @@ on CPU fp32 as fast as or faster than `repeat_interleave`, and it saves the copi
 The causal softmax(q k^T / sqrt(d)) v of training and evaluation is the backend's `core_attention` module:
 `CoreAttention` below (SDPA) with `local`, TE's `DotProductAttention` with `transformer_engine`. Two paths
 bypass it, whatever the backend: generation with a KV cache (`inference_cache`, SDPA here) and MST's Hybrid
-Sparse Attention (`sparse_attention`, set by `sparsity/mst.py`).
+Sparse Attention (`sparse_attention`, set by the MST method, `methods/mst/method.py`).
+
+Head counts come from the input: the number of query groups is the QKV output width over
+`(heads per group + 2) * head_dim`, so `forward(x, heads=...)` (a LongTensor of this rank's query-group
+indices; with MHA a group is one head) computes only those groups: QKV's rows of those groups, attention
+over them, `linear_proj`'s input columns of their query heads (smaller GEMMs, `parallel/layers.py`). The
+result equals the full layer with the other heads' context zeroed. `heads=` needs the `local` backend (TE's
+linears and DotProductAttention have fixed sizes) and no KV cache. The per-head context passes the
+`head_site` (`model/sites.py`) before the output projection.
 """
 
 from __future__ import annotations
@@ -25,18 +33,15 @@ from torch import nn
 
 from megatron_eff.config import ModelConfig
 from megatron_eff.model.rope import RotaryEmbedding, apply_rotary
+from megatron_eff.model.sites import Site
 from megatron_eff.parallel.layers import scaled_init_std
-from megatron_eff.parallel.state import group_size
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, backend):
+    def __init__(self, config: ModelConfig, backend, layer_number: int | None = None):
         super().__init__()
-        tp = group_size(backend.tp_group)
         self.head_dim = config.head_dim
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
-        self.local_groups = config.num_query_groups // tp
-        self.local_heads = config.num_attention_heads // tp
         self.attention_dropout = config.attention_dropout
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
         std = config.init_method_std
@@ -55,11 +60,17 @@ class SelfAttention(nn.Module):
         self.rotary = None
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base)
+        self.head_site = Site("head", layer_number)  # [s, b, heads, d] context, before linear_proj
 
-    def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:
-        qkv = self.linear_qkv(x)  # [s, b, (nq + 2g) d / tp]
+    def forward(self, x: torch.Tensor, inference_cache=None, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """`[s, b, h]` -> `[s, b, h]`; `heads`: only these local query groups (see the module docstring)."""
+        group_width = (self.heads_per_group + 2) * self.head_dim  # a group's q heads, k, v
+        if heads is None:
+            qkv = self.linear_qkv(x)  # [s, b, (nq + 2g) d / tp]
+        else:
+            qkv = self.linear_qkv(x, rows=_unit_elements(heads, group_width))  # [s, b, len(heads) * group_width]
         s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
+        qkv = qkv.view(s, b, qkv.shape[-1] // group_width, self.heads_per_group + 2, self.head_dim)
         if self.rotary is not None:  # rotate q and k of every group in one go
             if inference_cache is None:
                 cos, sin = self.rotary(s, qkv.device, qkv.dtype)
@@ -71,7 +82,7 @@ class SelfAttention(nn.Module):
         else:
             q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
         v = qkv[:, :, :, -1]  # [s, b, g/tp, d]
-        q = q.reshape(s, b, self.local_heads, self.head_dim)  # [s, b, nq/tp, d]
+        q = q.reshape(s, b, -1, self.head_dim)  # [s, b, nq/tp, d]
         dropout = self.attention_dropout if self.training else 0.0
         if inference_cache is not None:
             out = _in_sdpa_layout(self._cached_attention, q, k, v, inference_cache, dropout)
@@ -79,7 +90,11 @@ class SelfAttention(nn.Module):
             out = _in_sdpa_layout(self.sparse_attention, q, k, v, dropout_p=dropout)
         else:
             out = self.core_attention(q, k, v)  # [s, b, nq/tp * d]
-        return self.linear_proj(out)  # [s, b, h]
+        q_heads = None if heads is None else _unit_elements(heads, self.heads_per_group)  # query heads present
+        out = self.head_site(out.reshape(s, b, -1, self.head_dim), q_heads).flatten(2)  # [s, b, nq/tp * d]
+        if heads is None:
+            return self.linear_proj(out)  # [s, b, h]
+        return self.linear_proj(out, cols=_unit_elements(q_heads, self.head_dim))
 
     def _cached_attention(self, q, k, v, inference_cache, dropout: float) -> torch.Tensor:
         """SDPA over the KV cache (generation), on every backend: q `[b, nq/tp, s, d]` attends to the cached
@@ -89,6 +104,11 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.heads_per_group > 1
         )  # [b, nq/tp, s, d]
+
+
+def _unit_elements(units: torch.Tensor, width: int) -> torch.Tensor:
+    """The element indices of units of `width` consecutive elements: [u0 w, .., u0 w + w - 1, u1 w, ...]."""
+    return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten()
 
 
 def _in_sdpa_layout(attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

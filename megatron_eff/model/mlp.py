@@ -2,6 +2,11 @@
 
 SwiGLU's gate and up projections are one fused column-parallel GEMM with weight `[2, ffn/tp, h]`
 (index 0 = gate, 1 = up), so each TP rank holds matching slices of both: `silu(x W_gate^T) * (x W_up^T)`.
+
+`forward(x, channels=...)` (a LongTensor of this rank's ffn channel indices) computes only those channels:
+fc1's rows of them (SwiGLU: their gate and up rows) and fc2's input columns (smaller GEMMs,
+`parallel/layers.py`); the result equals the full MLP with the other channels zeroed. The intermediate
+activation passes the `ffn_site` (`model/sites.py`) before fc2.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eff.config import ModelConfig
+from megatron_eff.model.sites import Site
 from megatron_eff.parallel.layers import scaled_init_std
+from megatron_eff.parallel.state import group_size
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, backend):
+    def __init__(self, config: ModelConfig, backend, layer_number: int | None = None):
         super().__init__()
         self.swiglu = config.swiglu
+        self.local_ffn = config.ffn_hidden_size // group_size(backend.tp_group)  # SwiGLU: where fc1's up rows start
         std, ffn, hidden = config.init_method_std, config.ffn_hidden_size, config.hidden_size
         num_fused = 2 if config.swiglu else 1
         self.linear_fc1 = backend.column_linear(
@@ -27,11 +35,21 @@ class MLP(nn.Module):
             ffn, hidden, bias=config.add_bias_linear, init_std=scaled_init_std(std, config.num_layers)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear_fc1(x)  # [s, b, num_fused * ffn/tp]
+        self.ffn_site = Site("ffn", layer_number)  # [s, b, ffn/tp] activation, before fc2
+
+    def forward(self, x: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+        """`[s, b, h]` -> `[s, b, h]`; `channels`: only these local ffn channels (module docstring)."""
+        if channels is None:
+            y = self.linear_fc1(x)  # [s, b, num_fused * ffn/tp]
+        else:
+            rows = torch.cat([channels, channels + self.local_ffn]) if self.swiglu else channels
+            y = self.linear_fc1(x, rows=rows)  # [s, b, num_fused * len(channels)]
         if self.swiglu:
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         else:
             y = F.gelu(y, approximate="tanh")
-        return self.linear_fc2(y)  # [s, b, h]
+        y = self.ffn_site(y, channels)
+        if channels is None:
+            return self.linear_fc2(y)  # [s, b, h]
+        return self.linear_fc2(y, cols=channels)

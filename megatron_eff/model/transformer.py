@@ -1,10 +1,23 @@
 """Pre-norm transformer layer and the block of layers one pipeline stage owns.
 
-Layers are keyed by their *global* index (`layers.4` is layer 4 whatever the pipeline layout), so
-parameter names, initial weights and checkpoints do not depend on how the model is split.
+Layers are keyed by their *global* index (`layers.4` is layer 4 whatever the pipeline layout, and
+`TransformerLayer.layer_number` = 4), so parameter names, initial weights and checkpoints do not depend on how
+the model is split.
+
+Structured omission (SAT): a layer computes only some attention heads and ffn channels when its
+`selection` attribute (or the `selection=` argument of `forward`, which wins) is a `LayerSelection`:
+`heads` = this rank's query-group indices to keep, `channels` = this rank's ffn channel indices to keep
+(None: all). The GEMMs are really smaller (`parallel/layers.py` rows/cols), and the result equals the full
+layer with the other heads' context / channels' activation zeroed. A method sets the attribute between
+steps; the block, the pipeline schedule and activation recompute need not know.
+
+Sites (`model/sites.py`): each layer's attention holds a "head" site, its MLP an "ffn" site, and the layer
+two "layer" sites (the attention and MLP residual deltas) and a "hidden" site (its output).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,18 +26,33 @@ from torch import nn
 from megatron_eff.config import ModelConfig
 from megatron_eff.model.attention import SelfAttention
 from megatron_eff.model.mlp import MLP
+from megatron_eff.model.sites import Site
+
+
+@dataclass
+class LayerSelection:
+    """The heads and channels one layer computes on this rank; local indices (LongTensors), None = all."""
+
+    heads: torch.Tensor | None = None  # query groups of this TP rank (MHA: heads), in [0, g/tp)
+    channels: torch.Tensor | None = None  # ffn channels of this TP rank, in [0, ffn/tp)
 
 
 class TransformerLayer(nn.Module):
-    """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x))). Activations `[s, b, h]`."""
+    """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x))). Activations `[s, b, h]`.
+    `layer_number`: the global layer index."""
 
-    def __init__(self, config: ModelConfig, backend):
+    def __init__(self, config: ModelConfig, backend, layer_number: int = 0):
         super().__init__()
+        self.layer_number = layer_number
+        self.selection: LayerSelection | None = None  # set by a method (SAT): see the module docstring
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = backend.norm(config.hidden_size)
-        self.self_attention = SelfAttention(config, backend)
+        self.self_attention = SelfAttention(config, backend, layer_number)
         self.pre_mlp_layernorm = backend.norm(config.hidden_size)
-        self.mlp = MLP(config, backend)
+        self.mlp = MLP(config, backend, layer_number)
+        self.attention_delta_site = Site("layer", layer_number, branch="attention")
+        self.mlp_delta_site = Site("layer", layer_number, branch="mlp")
+        self.output_site = Site("hidden", layer_number)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_dropout == 0.0 or not self.training:
@@ -41,12 +69,16 @@ class TransformerLayer(nn.Module):
     def residual_add(y: torch.Tensor, skip: torch.Tensor, branch: str) -> torch.Tensor:
         return skip + y
 
-    def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inference_cache=None, selection: LayerSelection | None = None) -> torch.Tensor:
+        selection = selection if selection is not None else self.selection
+        heads, channels = (None, None) if selection is None else (selection.heads, selection.channels)
         h, skip = self.residual_split(x, "attention")
-        x = self.residual_add(self._dropout(self.self_attention(self.input_layernorm(h), inference_cache)), skip,
-                              "attention")
+        y = self.self_attention(self.input_layernorm(h), inference_cache, heads=heads)
+        x = self.residual_add(self.attention_delta_site(self._dropout(y)), skip, "attention")
         h, skip = self.residual_split(x, "mlp")
-        return self.residual_add(self._dropout(self.mlp(self.pre_mlp_layernorm(h))), skip, "mlp")
+        y = self.mlp(self.pre_mlp_layernorm(h), channels=channels)
+        x = self.residual_add(self.mlp_delta_site(self._dropout(y)), skip, "mlp")
+        return self.output_site(x)  # [s, b, h]
 
 
 class TransformerBlock(nn.Module):
@@ -59,7 +91,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.recompute = config.recompute_activations
         self.checkpoint = backend.checkpoint  # a function: torch's checkpoint or the TE backend's
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, backend) for i in range(*layer_range)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, backend, i) for i in range(*layer_range)})
         self.final_layernorm = backend.norm(config.hidden_size) if post_process else None
 
     def forward(self, x: torch.Tensor, inference_cache=None) -> torch.Tensor:

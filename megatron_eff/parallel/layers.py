@@ -10,7 +10,18 @@ Every parameter records how it is sharded (`param.partition_dim`, `param.full_sh
 - checkpointing and conversion can reassemble full tensors.
 
 Each linear's matmul is `self.gemm(x, weight, bias)` (`F.linear` by default): precision features
-(`megatron_eff/precision/`: FP8 emulation, Unit Scaling) replace that one callable and nothing else.
+(`megatron_eff/precision/`: FP8 emulation, Unit Scaling) wrap that one callable, as a chain
+(`precision/gemm.py`), and touch nothing else.
+
+Composable linears (Megatron-core's `forward(input_, weight=None)`, extended for structured omission):
+`ColumnParallelLinear.forward(x, weight=None, rows=None)` and `RowParallelLinear.forward(x, weight=None,
+cols=None)`. `weight` replaces this rank's weight for one call (same shape as `self.weight`); `rows` (a
+LongTensor of this TP shard's output rows, local indices into the `[out/tp, in]` view of the weight) makes
+the column linear compute only those outputs, `cols` says which of the row linear's local input features
+`x` holds. Only the selected rows/columns of the weight (and bias) enter the GEMM, so it is genuinely
+smaller; the result equals the full computation with the other rows/columns of the weight set to zero
+(and, for `rows`, the missing outputs dropped). The selected weight goes through the GEMM chain, so FP8 and
+Unit Scaling apply unchanged (Unit Scaling keeps the full layer's fan-in/fan-out factors).
 """
 
 from __future__ import annotations
@@ -79,10 +90,20 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
         self.gemm = F.linear  # (x, weight, bias) -> y; swapped by megatron_eff/precision
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`[s, b, in]` -> `[s, b, out/tp]`, or `[s, b, len(rows)]`: only the output rows `rows` (local
+        indices into the flattened `[out/tp, in]` weight; with `num_fused` > 1, part k's row r is
+        `k * out/(tp num_fused) + r`). `weight`: this call's weight instead of `self.weight` (same shape)."""
+        weight = (self.weight if weight is None else weight).flatten(0, -2)  # [out/tp, in]
         bias = None if self.bias is None else self.bias.flatten()
+        if rows is not None:
+            if self.gather_output:
+                raise ValueError("ColumnParallelLinear: rows= cannot be combined with gather_output")
+            weight = weight.index_select(0, rows)  # [len(rows), in]
+            bias = None if bias is None else bias.index_select(0, rows)
         return column_parallel_linear(
-            x, self.weight.flatten(0, -2), bias, self.tp_group,  # weight [out/tp, in]
+            x, weight, bias, self.tp_group,
             sequence_parallel=self.sequence_parallel, gather_output=self.gather_output, gemm=self.gemm,
         )
 
@@ -135,10 +156,19 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
         self.gemm = F.linear  # (x, weight, bias) -> y; swapped by megatron_eff/precision
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None,
+                cols: torch.Tensor | None = None) -> torch.Tensor:
+        """`[s, b, in/tp]` -> `[s, b, out]`. With `cols` (local indices into this shard's `in/tp` input
+        features), x is `[s, b, len(cols)]` and holds just those features: only those weight columns are
+        used. Ranks may select different numbers of columns. `weight`: this call's weight (same shape)."""
+        weight = self.weight if weight is None else weight  # [out, in/tp]
+        if cols is not None:
+            if not self.input_is_parallel:
+                raise ValueError("RowParallelLinear: cols= needs input_is_parallel (x already this rank's features)")
+            weight = weight.index_select(1, cols)  # [out, len(cols)]
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_parallel_region(x, self.tp_group)
-        y = self.gemm(x, self.weight, None)  # [s, b, out] partial sums
+        y = self.gemm(x, weight, None)  # [s, b, out] partial sums
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.tp_group)  # [s/tp, b, out]
         else:

@@ -3,9 +3,12 @@
     apply_precision(model_chunk, config.precision, config.model)   # after building, before init_weights
     apply_precision(model, inference_precision(meta["config"]), model.config)   # tools: a checkpoint's model
 
-The model does not know which precision is on: FP8 emulation swaps the `gemm` of the transformer layers'
-linears (`fp8.py`), Unit Scaling swaps GEMMs, residual ops and adds embedding hooks (`unit_scaling.py`),
-Transformer Engine is a backend (`transformer_engine.py`). The trainer owns the loss scaler
+The model does not know which precision is on: FP8 emulation and Unit Scaling add links to the GEMM chain of
+the transformer layers' linears (`gemm.py`: FP8 quantises the operands of the kernel, Unit Scaling scales
+around it, in either order of application; `fp8.py`), Unit Scaling also swaps the residual ops and adds
+embedding hooks (`unit_scaling.py`),
+Transformer Engine is a model backend (`model/te_backend.py`; its FP8 recipes and autocast are
+`transformer_engine.py` here). The trainer owns the loss scaler
 (`loss_scaler.py`) and calls `fp8.update_fp8_meta` once per step.
 """
 
@@ -142,11 +145,11 @@ class PrecisionRuntime:
         """TE's FP8 state per rank (TE only)."""
         if not self.te:
             return None
-        from megatron_eff.precision.transformer_engine import te_extra_state
+        from megatron_eff.model.te_backend import te_extra_state
 
         return te_extra_state(self.model)
 
     def load_rank_state(self, state: dict) -> None:
-        from megatron_eff.precision.transformer_engine import load_te_extra_state
+        from megatron_eff.model.te_backend import load_te_extra_state
 
         load_te_extra_state(self.model, state)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eff.autograd import forward_backward_function
+from megatron_eff.precision.gemm import FP8_DEPTH, GemmLink, add_link
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 INPUT, WEIGHT, GRAD_OUTPUT = 0, 1, 2  # the three tensors of one GEMM that get a scale
@@ -107,12 +108,17 @@ def block_fake_quantize(x: torch.Tensor, block_rows: int, block_cols: int, dtype
     `power_of_two` rounds each scale down to a power of two (MXFP8's E8M0 scales)."""
     shape = x.shape
     rows, cols = x.numel() // shape[-1], shape[-1]
-    blocks = x.float().reshape(rows // block_rows, block_rows, cols // block_cols, block_cols)
+    flat = x.float().reshape(rows, cols)
+    padded = -(-cols // block_cols) * block_cols  # a selection of columns (`cols=`) may end in a partial block
+    if padded != cols:  # zeros change no block's amax
+        flat = F.pad(flat, (0, padded - cols))
+    blocks = flat.reshape(rows // block_rows, block_rows, padded // block_cols, block_cols)
     amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
     scale = scale_from_amax(amax, dtype)
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
-    return fake_quantize(blocks, scale, dtype).reshape(shape).to(x.dtype)
+    out = fake_quantize(blocks, scale, dtype).reshape(rows, padded)[:, :cols]
+    return out.reshape(shape).to(x.dtype)
 
 
 _fake_quantize = forward_backward_function(  # forward: fake-quantise; backward: straight through
@@ -137,13 +143,16 @@ class Fp8Meta(nn.Module):
         self.amax_history[0, slot] = torch.maximum(self.amax_history[0, slot], amax.float())
 
 
-class Fp8Gemm:
-    """`y = Q(x) Q(W)^T (+ b)` with `Q` the recipe's fake quantiser; the gradient of y is quantised too.
+class Fp8Gemm(GemmLink):
+    """`y = inner(Q(x), Q(W)) (+ b)` with `Q` the recipe's fake quantiser; the gradient of y is quantised too.
+    `inner` is the GEMM it wraps (`F.linear`, the kernel, by default; see `precision/gemm.py`).
 
     A plain callable (not a module): it points at the linear's `Fp8Meta`, which the linear owns."""
 
-    def __init__(self, recipe: Fp8Recipe, meta: Fp8Meta):
-        self.recipe, self.meta = recipe, meta
+    depth = FP8_DEPTH
+
+    def __init__(self, recipe: Fp8Recipe, meta: Fp8Meta, inner=F.linear):
+        self.recipe, self.meta, self.inner = recipe, meta, inner
 
     def tensor_scale(self, slot: int, t: torch.Tensor) -> torch.Tensor:
         """Record t's amax (delayed scaling's history) and return its per-tensor scale: the delayed scale in
@@ -171,14 +180,15 @@ class Fp8Gemm:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = _fake_quantize(x, self._quantizer(INPUT))
         weight = _fake_quantize(weight, self._quantizer(WEIGHT))
-        y = _fake_quantize_grad(F.linear(x, weight), self._quantizer(GRAD_OUTPUT))
+        y = _fake_quantize_grad(self.inner(x, weight, None), self._quantizer(GRAD_OUTPUT))
         return y if bias is None else y + bias.to(y.dtype)  # y's dtype (autocast's), as F.linear(x, w, b)
 
 
 class ScaledMmFp8Gemm(Fp8Gemm):
     """`--fp8-gemm scaled_mm`: the same per-tensor quantisation (delayed / tensorwise, same amax records), but
     the three GEMMs (forward, dgrad, wgrad) run on FP8 operands with `torch._scaled_mm`: FP8 tensor cores on
-    an sm89+ GPU, a reference kernel on CPU. Saves x and W for backward in FP8."""
+    an sm89+ GPU, a reference kernel on CPU. Saves x and W for backward in FP8. It is the chain's kernel:
+    its `inner` is not called."""
 
     def to_fp8(self, slot: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t quantised, row-major; the inverse scale that `_scaled_mm` multiplies the product by)."""
@@ -265,7 +275,8 @@ def _layer_index(name: str) -> int | None:
 
 
 def apply_fp8(model: nn.Module, recipe: Fp8Recipe, num_layers: int, first_last_layers_bf16: bool = False) -> int:
-    """Make every transformer-layer linear of `model` (one pipeline chunk) an FP8 GEMM; returns how many.
+    """Make every transformer-layer linear of `model` (one pipeline chunk) an FP8 GEMM (an `Fp8Gemm` link
+    next to the kernel of its GEMM chain, `precision/gemm.py`); returns how many.
     The output layer stays in high precision (as Megatron-LM with TE). `first_last_layers_bf16` leaves
     layers 0 and L-1 alone."""
     count = 0
@@ -277,7 +288,7 @@ def apply_fp8(model: nn.Module, recipe: Fp8Recipe, num_layers: int, first_last_l
             continue
         module.fp8_meta = Fp8Meta(recipe.amax_history_len)
         gemm_class = ScaledMmFp8Gemm if recipe.gemm == "scaled_mm" else Fp8Gemm
-        module.gemm = gemm_class(recipe, module.fp8_meta)
+        module.gemm = add_link(module.gemm, gemm_class(recipe, module.fp8_meta))  # below Unit Scaling, if on
         count += 1
     return count
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eff.autograd import forward_backward_function
+from megatron_eff.precision.gemm import UNIT_SCALING_DEPTH, GemmLink, add_link
 
 
 def activation_scale(swiglu: bool, sigma: float = 1.0) -> float:
@@ -82,12 +83,14 @@ def tokens_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-class UnitScaledGemm:
-    """A linear's `gemm` (see `parallel/layers.py`) with unit-scaling factors around an inner GEMM (plain,
-    or `fp8.Fp8Gemm`: the quantiser then sees the unit-scaled tensors).
+class UnitScaledGemm(GemmLink):
+    """A link of a linear's GEMM chain (`precision/gemm.py`): unit-scaling factors around the inner GEMM
+    (the kernel, or `fp8.Fp8Gemm`: the quantiser then sees the unit-scaled tensors).
 
     `input_scale` multiplies the input in forward and backward (a folded GELU / attention scale);
     `output_grad_scale(tokens)` scales the output's gradient (the folded cross-entropy rule)."""
+
+    depth = UNIT_SCALING_DEPTH
 
     def __init__(self, fan_in: int, fan_out: int, inner=F.linear, input_scale: float = 1.0,
                  output_grad_scale=None, constrain: bool = True):
@@ -164,7 +167,8 @@ def apply_unit_scaling(model: nn.Module, model_config, tau_attn: float, tau_mlp:
         for linear, input_scale in ((layer.self_attention.linear_qkv, 1.0),
                                     (layer.self_attention.linear_proj, attn_scale),
                                     (layer.mlp.linear_fc1, 1.0), (layer.mlp.linear_fc2, act_scale)):
-            linear.gemm = UnitScaledGemm(linear.input_size, linear.output_size, linear.gemm, input_scale)
+            link = UnitScaledGemm(linear.input_size, linear.output_size, input_scale=input_scale)
+            linear.gemm = add_link(linear.gemm, link)  # around FP8, if on (in either order)
     if model.embedding is not None:
         model.embedding.word_embeddings.register_forward_hook(_embedding_grad_hook(vocab))
         if model.embedding.position_embeddings is not None:

@@ -41,9 +41,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from megatron_eff.model.te_backend import local_parameter_name
 from megatron_eff.parallel.data_parallel import DistributedOptimizer
 from megatron_eff.parallel.state import ParallelState
-from megatron_eff.precision.transformer_engine import local_parameter_name
 
 # Precision state (local FP8 amax histories/scales, the FP16 loss scaler): replicated tensors passed as
 # `extra_state={key: tensor}`; a checkpoint without them (another precision) loads, leaving them as they are.
@@ -117,7 +117,7 @@ def _optimizer_state(named_params: dict[str, torch.nn.Parameter], optimizer) -> 
 
 def _checkpoint_name(name: str, param: torch.nn.Parameter) -> str:
     """The global key of a parameter: the last stage's tied copy is the word embedding; TE's fused-norm
-    parameters take the `local` backend's names (precision/transformer_engine.py)."""
+    parameters take the `local` backend's names (model/te_backend.py)."""
     if name == "output_layer.weight" and getattr(param, "shared_embedding", False):
         return WORD_EMBEDDING
     return local_parameter_name(name)

@@ -321,6 +321,11 @@ def test_collate_shifts_labels():
     assert batch["tokens"].shape == (2, 4) and batch["tokens"].dtype.is_floating_point is False
     assert batch["tokens"][1].tolist() == [10, 11, 12, 13]
     assert batch["labels"][1].tolist() == [11, 12, 13, 14]
+    assert batch["dataset_id"].tolist() == [0, 0]  # a single dataset is domain 0
+    assert batch["loss_mask"].dtype == torch.float32 and batch["loss_mask"].shape == (2, 4)
+    assert bool((batch["loss_mask"] == 1).all())
+    masked = collate_samples([{"tokens": np.arange(3), "loss_mask": [1, 0], "dataset_id": 2}])
+    assert masked["loss_mask"].tolist() == [[1.0, 0.0]] and masked["dataset_id"].tolist() == [2]
 
 
 def test_parse_data_path(tmp_path):
@@ -367,7 +372,7 @@ def test_num_workers_read_the_same_micro_batches(tmp_path):
             workers = list(micro_batches(train, consumed, 3, dp_rank, 2, num_workers=2))
             assert len(workers) == len(in_process) == (96 - consumed) // 6
             for a, b in zip(in_process, workers):
-                assert a.keys() == b.keys() == {"tokens", "labels", "dataset_id"}
+                assert a.keys() == b.keys() == {"tokens", "labels", "dataset_id", "loss_mask"}
                 assert all(torch.equal(a[key], b[key]) for key in a)
     first = next(micro_batches(train, 36, 3, 1, 2, num_workers=2))  # samples 39..41: rank 1's slice
     assert torch.equal(first["tokens"], collate_samples([train[i] for i in (39, 40, 41)])["tokens"])

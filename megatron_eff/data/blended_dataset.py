@@ -73,6 +73,12 @@ def member_prefix(dataset, k: int) -> str:
     return getattr(indexed, "path_prefix", None) or f"{type(dataset).__name__} #{k}"
 
 
+def domain_names(prefixes: list[str]) -> list[str]:
+    """Prefix basenames, made unique with a ``-k`` suffix where two prefixes share one."""
+    names = [os.path.basename(p) for p in prefixes]
+    return [f"{n}-{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
+
+
 @dataclass
 class _Segment:
     """Samples ``start`` .. (next segment's start) under ``weights``; ``index``/``sample_index`` hold the
@@ -129,8 +135,8 @@ class BlendedDataset:
 
     @property
     def member_names(self) -> list[str]:
-        """Each member's prefix basename (``dataset_id`` k is ``member_names[k]``)."""
-        return [os.path.basename(p) for p in self.member_prefixes]
+        """Each member's prefix basename, made unique (``dataset_id`` k is ``member_names[k]``)."""
+        return domain_names(self.member_prefixes)
 
     @property
     def weight_schedule(self) -> list[tuple[int, list[float]]]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_eff.data.blended_dataset import BlendedDataset, normalize_weights
+from megatron_eff.data.blended_dataset import BlendedDataset, domain_names, normalize_weights
 from megatron_eff.data.gpt_dataset import GPTDataset
 from megatron_eff.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 
@@ -127,12 +127,6 @@ class Datasets:
     valid_per_domain: dict[str, GPTDataset] = field(default_factory=dict)
     """One validation set per blend member, by prefix basename, in member order (``dataset_id`` k is the k-th
     key); a single prefix gives {basename: valid}; empty without a valid split."""
-
-
-def domain_names(prefixes: list[str]) -> list[str]:
-    """Prefix basenames, made unique with a ``-k`` suffix where two prefixes share one."""
-    names = [os.path.basename(p) for p in prefixes]
-    return [f"{n}-{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
 
 
 def build_datasets(

@@ -321,6 +321,11 @@ def test_collate_shifts_labels():
     assert batch["tokens"].shape == (2, 4) and batch["tokens"].dtype.is_floating_point is False
     assert batch["tokens"][1].tolist() == [10, 11, 12, 13]
     assert batch["labels"][1].tolist() == [11, 12, 13, 14]
+    assert batch["dataset_id"].tolist() == [0, 0]  # a single dataset is domain 0
+    assert batch["loss_mask"].dtype == torch.float32 and batch["loss_mask"].shape == (2, 4)
+    assert bool((batch["loss_mask"] == 1).all())
+    masked = collate_samples([{"tokens": np.arange(3), "loss_mask": [1, 0], "dataset_id": 2}])
+    assert masked["loss_mask"].tolist() == [[1.0, 0.0]] and masked["dataset_id"].tolist() == [2]
 
 
 def test_parse_data_path(tmp_path):
@@ -367,7 +372,44 @@ def test_num_workers_read_the_same_micro_batches(tmp_path):
             workers = list(micro_batches(train, consumed, 3, dp_rank, 2, num_workers=2))
             assert len(workers) == len(in_process) == (96 - consumed) // 6
             for a, b in zip(in_process, workers):
-                assert a.keys() == b.keys() == {"tokens", "labels", "dataset_id"}
+                assert a.keys() == b.keys() == {"tokens", "labels", "dataset_id", "loss_mask"}
                 assert all(torch.equal(a[key], b[key]) for key in a)
     first = next(micro_batches(train, 36, 3, 1, 2, num_workers=2))  # samples 39..41: rank 1's slice
     assert torch.equal(first["tokens"], collate_samples([train[i] for i in (39, 40, 41)])["tokens"])
+
+
+def test_lazy_weight_segments_match_an_eager_rebuild(monkeypatch):
+    """Weight changes at any point (also before earlier ones, and at 0), read in any order, give the arrays of
+    rebuilding the whole tail at each change; a replayed schedule gives them again."""
+    from megatron_eff.data import blended_dataset as blended_module
+
+    monkeypatch.setattr(blended_module, "MIN_SEGMENT_BUILD", 4)  # lazy segments grow many times
+
+    class Tiny:
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            return {"tokens": np.array([i, i])}
+
+    size = 3000
+    blend = BlendedDataset([Tiny(), Tiny(), Tiny()], [0.5, 0.3, 0.2], size)
+    index, sample_index = build_blending_indices(blend.weights, size)
+    changes = [(500, [1, 1, 8]), (700, [1, 0, 0]), (650, [3, 3, 4]), (2000, [0, 0, 1]), (0, [2, 2, 6]), (5, [1, 2, 3])]
+    for from_sample, weights in changes:
+        for i in range(0, size, 97):  # materialise some of each segment first
+            blend.locate(i)
+        blend.set_weights(weights, from_sample)
+        counts = np.bincount(index[:from_sample], minlength=3)
+        tail = build_blending_indices(blended_module.normalize_weights(weights, 3), size - from_sample, counts)
+        index = np.concatenate([index[:from_sample], tail[0]])
+        sample_index = np.concatenate([sample_index[:from_sample], tail[1]])
+        np.testing.assert_array_equal(blend.dataset_index, index)
+        np.testing.assert_array_equal(blend.dataset_sample_index, sample_index)
+    for earlier in ([], [(10, [1, 1, 1])], [(0, [1, 0, 0])]):
+        again = BlendedDataset([Tiny(), Tiny(), Tiny()], [0.5, 0.3, 0.2], size)
+        for from_sample, weights in earlier:
+            again.set_weights(weights, from_sample)
+        again.set_weight_schedule(blend.weight_schedule)
+        assert again.weight_schedule == blend.weight_schedule
+        np.testing.assert_array_equal(again.dataset_index, index)

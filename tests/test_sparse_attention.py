@@ -118,9 +118,9 @@ def test_mst_run_factorized_matches_mask(monkeypatch, pattern):
 
     monkeypatch.setattr(mst_lib, "sparse_attention", counted(sparse_attention, calls))
     monkeypatch.setattr(mst_lib, "masked_sdpa", counted(masked_sdpa, masked_calls))
-    factorized = run(monkeypatch, [*flags, "--mst-hsa-impl", "factorized"])
+    factorized = run([*flags, "--mst-hsa-impl", "factorized"])
     assert len(calls) == 8 * 2 * 2 and not masked_calls  # HSA iterations x micro-batches x layers
-    masked = run(monkeypatch, [*flags, "--mst-hsa-impl", "mask"])
+    masked = run([*flags, "--mst-hsa-impl", "mask"])
     assert len(calls) == 8 * 2 * 2 and len(masked_calls) == 8 * 2 * 2  # the mask impl: the masked SDPA path
     assert len(factorized.losses) == 14
     assert factorized.losses == pytest.approx(masked.losses, rel=1e-5)

@@ -5,6 +5,16 @@ unweighted prefixes are weighted by their token counts (as if concatenated). The
 (Megatron's rounding of ``--split`` fractions over the document count), so no sample crosses a split
 boundary. Several prefixes: each prefix's split gets ``ceil(weight * n * 1.005)`` samples (Megatron's
 margin) and a ``BlendedDataset`` mixes them into ``n``.
+
+Live blend weights (``max_blend_weight``): members sized from the initial weights run out as soon as a
+weight rises. With ``max_blend_weight=b`` each member's *train* split is sized for ``max(weight, b)`` of the
+run (``b = 1`` sizes every member for the whole run, as if its weight could become 1; a smaller bound keeps
+the index arrays smaller and turns a larger rise into ``DatasetExhaustedError``), and zero-weight members are
+kept so they can be weighted up later. The default (None) sizes from the initial weights, as before.
+
+Per-domain validation (Megatron's ``multiple_validation_sets``): ``build_datasets`` also returns one
+validation dataset per blend member, by the member's prefix basename, each holding the full number of
+validation samples from that member's valid split only; the blended validation set is unchanged.
 """
 
 from __future__ import annotations
@@ -12,10 +22,11 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_eff.data.blended_dataset import BlendedDataset, normalize_weights
+from megatron_eff.data.blended_dataset import BlendedDataset, domain_names, normalize_weights
 from megatron_eff.data.gpt_dataset import GPTDataset
 from megatron_eff.data.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 
@@ -121,24 +132,46 @@ def _build_split_datasets(
     return datasets
 
 
-def build_train_valid_test_datasets(
+@dataclass
+class Datasets:
+    """What ``build_datasets`` returns."""
+
+    train: GPTDataset | BlendedDataset | None
+    valid: GPTDataset | BlendedDataset | None
+    test: GPTDataset | BlendedDataset | None
+    valid_per_domain: dict[str, GPTDataset] = field(default_factory=dict)
+    """One validation set per blend member, by prefix basename, in member order (``dataset_id`` k is the k-th
+    key); a single prefix gives {basename: valid}; empty without a valid split."""
+
+
+def build_datasets(
     data_path: list[str] | str,
     split: str | list[float],
     train_valid_test_num_samples: tuple[int, int, int],
     seq_length: int,
     seed: int,
     cache_path: str | None = None,
-) -> tuple:
-    """(train, valid, test) datasets: ``GPTDataset`` for one prefix, ``BlendedDataset`` for several."""
+    *,
+    max_blend_weight: float | None = None,
+    per_domain_valid: bool = True,
+) -> Datasets:
+    """Train/valid/test datasets (``GPTDataset`` for one prefix, ``BlendedDataset`` for several) and, with
+    ``per_domain_valid``, one validation set per blend member (see the module docstring for both options)."""
     prefixes, weights = parse_data_path(data_path)
     fractions = parse_split(split) if isinstance(split, str) else normalize_weights(split, 3)
     num_samples = [int(n) for n in train_valid_test_num_samples]
+    if max_blend_weight is not None and not 0 < max_blend_weight <= 1:
+        raise ValueError(f"max_blend_weight must be in (0, 1], got {max_blend_weight}")
     if len(prefixes) == 1:
-        return tuple(_build_split_datasets(prefixes[0], fractions, num_samples, seq_length, seed, cache_path))
+        splits = _build_split_datasets(prefixes[0], fractions, num_samples, seq_length, seed, cache_path)
+        per_domain = {domain_names(prefixes)[0]: splits[1]} if per_domain_valid and splits[1] is not None else {}
+        return Datasets(*splits, valid_per_domain=per_domain)
+    members = [(p, w) for p, w in zip(prefixes, weights, strict=True) if w > 0 or max_blend_weight is not None]
     per_prefix = []
-    members = [(p, w) for p, w in zip(prefixes, weights, strict=True) if w > 0]
     for prefix, weight in members:
         counts = [math.ceil(weight * n * BLEND_MARGIN) for n in num_samples]
+        if max_blend_weight is not None:  # live weights: the train split may be asked for more
+            counts[0] = math.ceil(max(weight, max_blend_weight) * num_samples[0] * BLEND_MARGIN)
         per_prefix.append(_build_split_datasets(prefix, fractions, counts, seq_length, seed, cache_path))
     blends = []
     for k, name in enumerate(SPLIT_NAMES):
@@ -147,18 +180,43 @@ def build_train_valid_test_datasets(
             continue
         datasets = [splits[k] for splits in per_prefix]
         blends.append(BlendedDataset(datasets, [w for _, w in members], num_samples[k], cache_path, name))
-    return tuple(blends)
+    per_domain = {}
+    if per_domain_valid and blends[1] is not None:
+        only_valid = [0, num_samples[1], 0]
+        for name, (prefix, _) in zip(domain_names([p for p, _ in members]), members, strict=True):
+            per_domain[name] = _build_split_datasets(prefix, fractions, only_valid, seq_length, seed, cache_path)[1]
+    return Datasets(*blends, valid_per_domain=per_domain)
+
+
+def build_train_valid_test_datasets(
+    data_path: list[str] | str,
+    split: str | list[float],
+    train_valid_test_num_samples: tuple[int, int, int],
+    seq_length: int,
+    seed: int,
+    cache_path: str | None = None,
+    *,
+    max_blend_weight: float | None = None,
+) -> tuple:
+    """(train, valid, test) datasets: ``GPTDataset`` for one prefix, ``BlendedDataset`` for several
+    (``build_datasets`` without the per-domain validation sets)."""
+    datasets = build_datasets(data_path, split, train_valid_test_num_samples, seq_length, seed, cache_path,
+                              max_blend_weight=max_blend_weight, per_domain_valid=False)
+    return datasets.train, datasets.valid, datasets.test
 
 
 def collate_samples(samples: list[dict]) -> dict:
-    """Stack samples into ``tokens`` int64 [b, s] and ``labels`` int64 [b, s] (tokens shifted by one).
-
-    ``dataset_id`` int64 [b] is passed through when every sample has one (blended datasets).
-    """
+    """Stack samples into ``tokens`` int64 [b, s] and ``labels`` int64 [b, s] (tokens shifted by one), with
+    ``dataset_id`` int64 [b] (the blend member; 0 for a sample without one) and ``loss_mask`` float32 [b, s]
+    (a sample's own ``loss_mask`` [s] where every sample has one, else ones)."""
     import torch
 
     stacked = torch.from_numpy(np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples]))
     batch = {"tokens": stacked[:, :-1].contiguous(), "labels": stacked[:, 1:].contiguous()}  # [b, s] each
-    if all("dataset_id" in s for s in samples):
-        batch["dataset_id"] = torch.tensor([int(s["dataset_id"]) for s in samples], dtype=torch.int64)
+    batch["dataset_id"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.int64)  # [b]
+    if all("loss_mask" in s for s in samples):
+        masks = np.stack([np.asarray(s["loss_mask"], dtype=np.float32) for s in samples])
+        batch["loss_mask"] = torch.from_numpy(masks)  # [b, s]
+    else:
+        batch["loss_mask"] = torch.ones(batch["labels"].shape, dtype=torch.float32)  # [b, s]
     return batch

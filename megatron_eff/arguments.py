@@ -118,6 +118,13 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes that read and collate batches ahead of use (0: in the "
                         "training process); the batches and their order do not change")
+    g.add_argument("--data-max-blend-weight", type=float,
+                   help="size every blend member's train split for up to this share of the run, so methods "
+                        "that change blend weights during training (dynamic batch loading) can raise a weight "
+                        "that far (default: each member sized from its initial weight)")
+    g.add_argument("--no-per-domain-validation", dest="per_domain_validation", action="store_false",
+                   help="with several --data-path prefixes, skip the per-domain validation losses (each domain "
+                        "costs as much as the blended validation)")
 
 
 def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
@@ -258,6 +265,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,
             tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
             data_cache_path=args.data_cache_path, num_workers=args.num_workers, mock_data=args.mock_data,
+            max_blend_weight=args.data_max_blend_weight, per_domain_validation=args.per_domain_validation,
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,

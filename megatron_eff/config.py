@@ -310,9 +310,13 @@ class DataConfig:
     data_cache_path: str | None = None
     num_workers: int = 0
     mock_data: bool = False
+    max_blend_weight: float | None = None  # size blend members for live weights up to this (None: initial)
+    per_domain_validation: bool = True  # a validation loss per --data-path domain (several prefixes)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        require(self.max_blend_weight is None or 0 < self.max_blend_weight <= 1,
+                f"--data-max-blend-weight must be in (0, 1], got {self.max_blend_weight}")
         require(
             self.mock_data or bool(self.data_path),
             "--data-path is required (or --mock-data for synthetic tokens)",

@@ -106,3 +106,13 @@ def test_make_target_builds_the_library(tmp_path, capsys):
     output = tmp_path / "lib.so"
     assert bi.main([str(output)]) == 0
     assert output.is_file() and f"built {output}" in capsys.readouterr().out
+
+
+def test_a_zero_weight_member_is_never_drawn():
+    """Megatron's rule would draw a zero-weight member on the tie at sample 1; live weights can set one to 0."""
+    index, sample_index = bi.blending_indices([0.0, 1.0], 6, np.array([4, 4]))
+    assert index.tolist() == [1] * 6 and sample_index.tolist() == [4, 5, 6, 7, 8, 9]
+    index, _ = bi.blending_indices([0.5, 0.0, 0.5], 50, None)
+    assert 1 not in index.tolist()
+    both = bi.blending_indices([0.3, 0.7], 50, None)[0]  # all positive: Megatron's output, unchanged
+    assert both.tolist() == bi.reference_blending_indices([0.3, 0.7], 50)[0].tolist()

@@ -43,6 +43,10 @@ def reference_blending_indices(
     weights: list[float], size: int, start_counts: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The greedy rule in plain Python (~1.5 µs per sample over 6 datasets): the specification."""
+    return _over_positive_weights(_greedy_rule, weights, size, start_counts)
+
+
+def _greedy_rule(weights: list[float], size: int, start_counts) -> tuple[np.ndarray, np.ndarray]:
     num = len(weights)
     start = [0] * num if start_counts is None else [int(c) for c in start_counts]
     drawn = [0] * num
@@ -66,7 +70,10 @@ def blending_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The greedy rule through the compiled helper (the Python rule if none): int64 [size] twice.
 
-    Weights are taken as float64 (the Python floats every caller passes), ``start_counts`` as int64.
+    Weights are taken as float64 (the Python floats every caller passes), ``start_counts`` as int64. A
+    member of weight 0 is never drawn: Megatron's rule, which never sees one (it drops them), would pick it
+    on a tie at sample 1 (lag 0 = 0); with live weights a member can be weighted down to 0, so the rule runs
+    over the positive-weight members only (identical output when every weight is positive).
     """
     num = len(weights)
     if size < 0:
@@ -76,7 +83,17 @@ def blending_indices(
     helper = load_helper()
     if helper is None:
         return reference_blending_indices(weights, size, start_counts)
-    return _run_helper(helper, weights, size, start_counts)
+    return _over_positive_weights(functools.partial(_run_helper, helper), weights, size, start_counts)
+
+
+def _over_positive_weights(rule, weights, size: int, start_counts):
+    """`rule(weights, size, start_counts)` over the members of positive weight only (see `blending_indices`)."""
+    positive = [d for d, w in enumerate(weights) if w > 0]
+    if not positive or len(positive) == len(weights):
+        return rule(weights, size, start_counts)
+    counts = np.zeros(len(weights), dtype=np.int64) if start_counts is None else np.asarray(start_counts, np.int64)
+    index, sample_index = rule([weights[d] for d in positive], size, counts[positive])
+    return np.asarray(positive, dtype=np.int64)[index], sample_index
 
 
 def _run_helper(helper, weights, size: int, start_counts) -> tuple[np.ndarray, np.ndarray]:

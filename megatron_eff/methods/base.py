@@ -15,14 +15,18 @@ else about the method, and the model does not know which methods are on:
            load_state_dict(state) (JSON-able) -- restored after attach, so after the datasets exist
     per iteration (1-based `it`):
       before_iteration(it)          before anything of iteration `it` runs
-      select_batch(it, source)      may draw candidates from the batch source and `select` the batch
+      select_batch(it, source)      this rank's micro-batches of iteration `it`, or None for the source's next
+                                    global batch: a method may `draw` candidates from the batch source
+                                    (`data/batch_source.py`) and return `source.select(chosen)` (a coreset);
+                                    at most one method selects
       loss_terms(chunk, batch)      at every forward of a model chunk: {name: scalar tensor} auxiliary loss
                                     terms, added to the loss on whatever pipeline stage `chunk` lives
       after_backward(it)            gradients are reduced (DP/TP/PP), before the norm, clipping and step
       after_step(it)                the optimizer stepped (not called for a skipped step)
       flops(it)                     (dense-equivalent, actual) training FLOPs of iteration `it`, or None
       log_scalars()                 extra scalars for the progress line and TensorBoard
-      on_validation(it, losses)     after a validation: {"loss": overall, domain name: loss, ...}
+      on_validation(it, losses)     after a validation: {"loss": overall, domain name: loss, ...} (domains:
+                                    each --data-path prefix's basename, with several prefixes)
     summary()                       a line for the end of the run
 
 Every hook has a no-op default here, so a method implements only what it needs. `MethodList` runs several
@@ -51,8 +55,8 @@ class Method:
     def before_iteration(self, iteration: int) -> None:
         pass
 
-    def select_batch(self, iteration: int, source) -> None:
-        pass
+    def select_batch(self, iteration: int, source) -> list[dict] | None:
+        return None
 
     def loss_terms(self, chunk, batch: dict) -> dict[str, torch.Tensor]:
         return {}
@@ -116,9 +120,12 @@ class MethodList(Method):
         for method in self.methods:
             method.before_iteration(iteration)
 
-    def select_batch(self, iteration: int, source) -> None:
-        for method in self.methods:
-            method.select_batch(iteration, source)
+    def select_batch(self, iteration: int, source) -> list[dict] | None:
+        chosen = [(m.name, b) for m in self.methods if (b := m.select_batch(iteration, source)) is not None]
+        if len(chosen) > 1:
+            raise RuntimeError(f"methods {[name for name, _ in chosen]} all selected the batch of iteration "
+                               f"{iteration}: at most one method may select")
+        return chosen[0][1] if chosen else None
 
     def loss_terms(self, chunk, batch: dict) -> dict[str, torch.Tensor]:
         return {f"{m.name}/{k}": v for m in self.methods for k, v in m.loss_terms(chunk, batch).items()}

@@ -197,6 +197,7 @@ def save_checkpoint(
     methods=None,
     extra_state: dict[str, torch.Tensor] | None = None,
     rank_state: dict | None = None,
+    data_state: dict | None = None,
 ) -> str:
     """Write `root/iter_N` atomically; returns its path. Collective: every rank calls it. Training `methods`
     (`methods/base.py`) add their tensors (keyed `method.<name>.<key>`, sharded like a parameter) and their
@@ -222,7 +223,8 @@ def save_checkpoint(
         torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
     if _rank() == 0:
         meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,
-                "has_optimizer": optimizer is not None, "method_state": methods.state_dict() if methods else None}
+                "has_optimizer": optimizer is not None, "method_state": methods.state_dict() if methods else None,
+                "data_state": data_state}
         _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
     _barrier()
     if _rank() == 0:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eff.config import Config
+from megatron_eff.data.batch_source import BatchSource
 from megatron_eff.data.samplers import MockGPTDataset, micro_batches
 from megatron_eff.dtypes import upcast
 from megatron_eff.methods import build_methods
@@ -140,7 +141,9 @@ def run_schedule(model, batches, num_micro_batches: int, config: Config, pstate:
 
 
 def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
-    """(train, valid) datasets sized for the whole run; valid is None when there is no valid split."""
+    """(train, valid, {domain: valid}) datasets sized for the whole run; valid is None when there is no valid
+    split; the per-domain validation sets exist with several --data-path prefixes (and
+    --per-domain-validation)."""
     gbs = config.train.resolved_global_batch_size(pstate.dp_size)
     train_samples = config.train.train_iters * gbs
     valid_samples = config.train.eval_iters * gbs
@@ -148,14 +151,16 @@ def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
     if config.data.mock_data:
         train = MockGPTDataset(train_samples, seq, vocab_size, config.train.seed)
         valid = MockGPTDataset(valid_samples, seq, vocab_size, config.train.seed + 1) if valid_samples else None
-        return train, valid
-    from megatron_eff.data.builders import build_train_valid_test_datasets
+        return train, valid, {}
+    from megatron_eff.data.builders import build_datasets as build_data
 
-    train, valid, _ = build_train_valid_test_datasets(
-        config.data.data_path, config.data.split, (train_samples, valid_samples, 0), seq,
-        config.train.seed, config.data.data_cache_path,
+    data = build_data(
+        config.data.data_path, config.data.split, (train_samples, valid_samples, 0), seq, config.train.seed,
+        config.data.data_cache_path, max_blend_weight=config.data.max_blend_weight,
+        per_domain_valid=config.data.per_domain_validation,
     )
-    return train, valid
+    per_domain = data.valid_per_domain if len(data.valid_per_domain) > 1 else {}
+    return data.train, data.valid, per_domain
 
 
 def train_step(model, optimizer, batches, num_micro_batches: int, config: Config, pstate: ParallelState,
@@ -263,23 +268,6 @@ def _layout(pstate: ParallelState) -> dict:
     return {"tp": pstate.tp_size, "pp": pstate.pp_size, "dp": pstate.dp_size}
 
 
-class _SequentialBatches:
-    """The global batches of a run in order, this DP rank's micro-batches of each, from a consumed-sample
-    count that counts what was really read (resumes continue at the next sample)."""
-
-    def __init__(self, dataset, consumed_samples: int, config: Config, pstate: ParallelState):
-        self.global_batch_size = config.train.resolved_global_batch_size(pstate.dp_size)
-        self.num_micro_batches = config.train.num_micro_batches(pstate.dp_size)
-        self.consumed_samples = consumed_samples
-        self._iterator = micro_batches(dataset, consumed_samples, config.train.micro_batch_size, pstate.dp_rank,
-                                       pstate.dp_size, config.data.num_workers)
-
-    def next_global_batch(self) -> list[dict]:
-        batch = [next(self._iterator) for _ in range(self.num_micro_batches)]
-        self.consumed_samples += self.global_batch_size
-        return batch
-
-
 class Trainer:
     """A run's parts, built from `config` in the order the module docstring gives, and its loop."""
 
@@ -309,11 +297,14 @@ class Trainer:
         log(f"model: {sum(p.numel() for p in self.named_params.values()):,} parameters on this rank "
             f"({pstate.describe()})", pstate.rank == 0)
         self.state = TrainState()
-        self.train_ds, self.valid_ds = build_datasets(config, pstate, config.model.vocab_size)
-        self.batch_source = None  # after the checkpoint: it starts at the loaded position
+        self.train_ds, self.valid_ds, self.valid_domains = build_datasets(config, pstate, config.model.vocab_size)
+        self.batch_source = BatchSource(
+            self.train_ds, micro_batch_size=config.train.micro_batch_size,
+            num_micro_batches=config.train.num_micro_batches(pstate.dp_size), dp_rank=pstate.dp_rank,
+            dp_size=pstate.dp_size, num_workers=config.data.num_workers, seed=config.train.seed,
+        )
         self.methods.attach(self)
-        self._load_checkpoint()
-        self.batch_source = _SequentialBatches(self.train_ds, self.state.consumed_train_samples, config, pstate)
+        self._load_checkpoint()  # the methods' and the batch source's state too
         self.is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
         self.last_checkpoint: str | None = None
         log(startup_summary(config, pstate, self.train_ds, self.valid_ds, [m.name for m in self.methods],
@@ -344,6 +335,11 @@ class Trainer:
             log(f"loaded {load} at iteration {self.state.iteration}", pstate.rank == 0)
             if not config.checkpoint.finetune:
                 self._resume_schedule(load)
+                data_state = read_meta(load)[1].get("data_state")
+                if data_state:
+                    self.batch_source.load_state_dict(data_state)
+                else:  # a checkpoint from before the batch source kept state: its position
+                    self.batch_source.consumed_samples = self.state.consumed_train_samples
 
     def _resume_schedule(self, load: str) -> None:
         """The LR schedule on resume: the checkpoint's (--use-checkpoint-opt_param-scheduler), or these flags',
@@ -386,8 +382,12 @@ class Trainer:
                           self.autocast, self.grad_sync, methods=self.methods, iteration=iteration,
                           precision=self.precision, forward_step=self.forward_step)
 
-    def evaluate(self) -> float:
-        return evaluate(self.model, self.valid_ds, self.config, self.pstate, self.autocast)
+    def evaluate(self) -> dict[str, float]:
+        """{"loss": blended validation loss, domain: that domain's validation loss, ...}."""
+        losses = {"loss": evaluate(self.model, self.valid_ds, self.config, self.pstate, self.autocast)}
+        for name, dataset in self.valid_domains.items():
+            losses[name] = evaluate(self.model, dataset, self.config, self.pstate, self.autocast)
+        return losses
 
     def save(self) -> None:
         if not self.config.checkpoint.save:
@@ -398,6 +398,7 @@ class Trainer:
                 self.config.checkpoint.save, self.state, self.named_params, self.optimizer,
                 self.config.to_dict(), _layout(self.pstate), self.pstate, methods=self.methods,
                 extra_state=self.precision.state_tensors(), rank_state=self.precision.rank_state(),
+                data_state=self.batch_source.state_dict(),
             )
         self.last_checkpoint = path
         log(f"saved checkpoint {path}", self.pstate.rank == 0)
@@ -424,12 +425,19 @@ class Trainer:
 
     def _validate(self) -> None:
         with self.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
-            val = self.evaluate()
-        iteration = self.state.iteration
-        log(f"validation at iter {iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}", self.is_logger)
+            losses = self.evaluate()
+        iteration, val = self.state.iteration, losses["loss"]
+        domains = {name: loss for name, loss in losses.items() if name != "loss"}
+        per_domain = "".join(f" | {name} {loss:.4f}" for name, loss in domains.items())
+        log(f"validation at iter {iteration}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}{per_domain}",
+            self.is_logger)
         self.result.valid_losses[iteration] = val
-        self.logger.scalars(iteration, {"valid/loss": val, "valid/ppl": math.exp(min(val, 50))})
-        self.methods.on_validation(iteration, {"loss": val})
+        if domains:
+            self.result.valid_domain_losses[iteration] = domains
+        scalars = {"valid/loss": val, "valid/ppl": math.exp(min(val, 50))}
+        scalars.update({f"valid/{name}/loss": loss for name, loss in domains.items()})
+        self.logger.scalars(iteration, scalars)
+        self.methods.on_validation(iteration, losses)
 
     def _exit_reason(self, exit_signal: _ExitSignal) -> str | None:
         """Why to stop after this iteration (all ranks agree), or None to go on."""
@@ -460,7 +468,9 @@ class Trainer:
             iteration = state.iteration + 1
             lr = learning_rate(state.iteration, config.optim, train.train_iters)
             self.methods.before_iteration(iteration)
-            batches = self.batch_source.next_global_batch()
+            batches = self.methods.select_batch(iteration, self.batch_source)  # a coreset, or None
+            if batches is None:
+                batches = self.batch_source.next_global_batch()
             result = self.train_step(batches, iteration, lr)
             state.iteration = iteration
             state.consumed_train_samples = self.batch_source.consumed_samples
@@ -491,6 +501,7 @@ class Trainer:
         return self.result
 
     def close(self) -> None:
+        self.batch_source.close()  # worker processes exit
         self.grad_sync.finish_param_gather()  # the last step's weights, for whoever reads the model next
         summary = self.methods.summary()
         if summary:

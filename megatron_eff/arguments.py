@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_eff import megatron_compat
 from megatron_eff.config import (
     MODEL_PRESETS,
     CheckpointConfig,
@@ -27,8 +28,9 @@ from megatron_eff.methods import add_method_arguments, method_configs_from_args
 _MODEL_FIELDS = [
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
     "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "position_embedding_type",
-    "rotary_base", "normalization", "norm_epsilon", "swiglu", "init_method_std", "attention_dropout",
-    "hidden_dropout", "recompute_activations", "transformer_impl", "untie_embeddings_and_output_weights",
+    "rotary_base", "rotary_percent", "kv_channels", "normalization", "norm_epsilon", "swiglu", "init_method_std",
+    "attention_dropout", "hidden_dropout", "recompute_activations", "transformer_impl",
+    "untie_embeddings_and_output_weights",
 ]
 
 
@@ -53,6 +55,8 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--make-vocab-size-divisible-by", type=int)
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
     g.add_argument("--rotary-base", type=float)
+    g.add_argument("--rotary-percent", type=float, help="fraction of each head's dims RoPE rotates (default: 1.0)")
+    g.add_argument("--kv-channels", type=int, help="head dim (default: --hidden-size / --num-attention-heads)")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--swiglu", action="store_true", default=None)
@@ -83,7 +87,7 @@ def _training_group(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, help="default: micro-batch size x data-parallel size")
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, help="iterations to train (default: 100, or --train-samples)")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
@@ -91,6 +95,9 @@ def _training_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip-grad", type=float, default=1.0, help="max global grad norm (0 disables)")
+    g.add_argument("--decoupled-lr", type=float, help="LR of the embedding and output layer (their own schedule "
+                   "between --decoupled-min-lr and this; default: --lr like every parameter)")
+    g.add_argument("--decoupled-min-lr", type=float, help="minimum LR with --decoupled-lr (default: --min-lr)")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="megatron_eff pretraining (GPT-2 and LLaMA shapes). Flags follow Megatron-LM.",
     )
     for add in (_model_group, _parallel_group, _training_group, _data_group, _checkpoint_logging_group,
-                _precision_group, add_method_arguments):
+                _precision_group, megatron_compat.add_arguments, add_method_arguments):
         add(parser)
     document_defaults(parser)
     return parser
@@ -235,6 +242,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
 
 def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) -> Config:
     """All dataclasses from parsed flags. `vocab_size` comes from the tokenizer when one is used."""
+    args, notes = megatron_compat.resolve(args)
     return Config(
         model=model_config_from_args(args, vocab_size),
         parallel=ParallelConfig(
@@ -251,14 +259,15 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
             lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+            adam_eps=args.adam_eps, clip_grad=args.clip_grad, decoupled_lr=args.decoupled_lr,
+            decoupled_min_lr=args.decoupled_min_lr,
         ),
         train=TrainConfig(
             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
             train_iters=args.train_iters, seed=args.seed, bf16=args.bf16, fp16=args.fp16,
             eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
             max_bad_steps=args.max_bad_steps, calculate_per_token_loss=args.calculate_per_token_loss,
-            exit_interval=args.exit_interval,
+            manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins, exit_signal_handler=args.exit_signal_handler,
         ),
         data=DataConfig(
@@ -273,9 +282,12 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=args.override_opt_param_scheduler,
         ),
-        logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops),
+        logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
+                              profile=args.profile, profile_step_start=args.profile_step_start,
+                              profile_step_end=args.profile_step_end, profile_ranks=args.profile_ranks),
         methods=method_configs_from_args(args),
         precision=precision_config_from_args(args),
+        notes=notes,
     )
 
 

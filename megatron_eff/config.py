@@ -34,6 +34,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0
+    rotary_percent: float = 1.0  # RoPE on the first fraction of each head's dims (Megatron's --rotary-percent)
+    kv_channels: int | None = None  # head dim; default hidden / heads (Megatron's --kv-channels)
     normalization: str = "LayerNorm"  # or "RMSNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = False
@@ -48,11 +50,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}")
         require(self.hidden_size > 0, f"--hidden-size must be positive, got {self.hidden_size}")
+        require(self.num_attention_heads > 0, f"--num-attention-heads must be positive, got {self.num_attention_heads}")
+        require(self.kv_channels is None or self.kv_channels > 0,
+                f"--kv-channels must be positive, got {self.kv_channels}")
         require(
-            self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0,
+            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
             f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
-            f"{self.num_attention_heads}",
+            f"{self.num_attention_heads} (or give the head dim with --kv-channels)",
         )
+        require(0 < self.rotary_percent <= 1, f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         require(
@@ -81,7 +87,9 @@ class ModelConfig:
                 f"{self.max_position_embeddings}",
             )
         if self.position_embedding_type == "rope":
-            require(self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}")
+            require(self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                    f"rope needs an even number of rotated dims, got head dim {self.head_dim} x --rotary-percent "
+                    f"{self.rotary_percent} = {self.rotary_dim}")
         require(
             self.normalization in ("LayerNorm", "RMSNorm"),
             f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}",
@@ -101,7 +109,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones), Megatron's int(kv_channels x rotary_percent)."""
+        return int(self.head_dim * self.rotary_percent)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -242,8 +255,14 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    decoupled_lr: float | None = None  # embedding and output layer LR (Megatron's --decoupled-lr)
+    decoupled_min_lr: float | None = None  # their minimum LR (default: --min-lr)
 
     def __post_init__(self) -> None:
+        require(self.decoupled_lr is None or self.decoupled_lr > 0,
+                f"--decoupled-lr must be positive, got {self.decoupled_lr}")
+        require(self.decoupled_min_lr is None or self.decoupled_lr is not None,
+                "--decoupled-min-lr needs --decoupled-lr")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         require(
@@ -270,6 +289,8 @@ class TrainConfig:
     log_interval: int = 10
     max_bad_steps: int = 10  # NaN/inf losses or grad norms in a row before a hard stop
     calculate_per_token_loss: bool = False  # global token mean instead of the mean of micro-batch means
+    manual_gc: bool = False  # Python's automatic GC off; collect every manual_gc_interval iterations
+    manual_gc_interval: int = 0
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = False
@@ -347,6 +368,10 @@ class LoggingConfig:
     tensorboard_dir: str | None = None
     log_throughput: bool = True
     peak_tflops: float | None = None  # per device, for MFU; default: guessed from the device
+    profile: bool = False  # a torch.profiler trace of iterations [profile_step_start, profile_step_end)
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -439,7 +464,7 @@ class PrecisionConfig:
         h, ffn, nq, g = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.num_query_groups
         shapes = {  # this rank's weights: column parallel [out/tp, in], row parallel [out, in/tp]
             "linear_qkv": ((nq + 2 * g) * model.head_dim // tp, h),
-            "linear_proj": (h, h // tp),
+            "linear_proj": (h, nq * model.head_dim // tp),
             "linear_fc1": ((2 if model.swiglu else 1) * ffn // tp, h),
             "linear_fc2": (h, ffn // tp),
         }
@@ -466,6 +491,7 @@ class Config:
     logging: LoggingConfig
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     methods: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # lines about the flags to log at start-up (megatron_compat)
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)

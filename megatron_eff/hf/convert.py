@@ -196,8 +196,11 @@ def model_flags(config: ModelConfig, null_tokenizer: bool = False) -> list[str]:
               "--norm-epsilon", config.norm_epsilon, "--vocab-size", config.vocab_size - int(null_tokenizer),
               "--make-vocab-size-divisible-by", config.make_vocab_size_divisible_by,
               "--init-method-std", config.init_method_std]
+    if config.kv_channels is not None:
+        flags += ["--kv-channels", config.kv_channels]
     if config.position_embedding_type == "rope":
         flags += ["--rotary-base", config.rotary_base]
+        flags += ["--rotary-percent", config.rotary_percent] if config.rotary_percent != 1.0 else []
     flags += ["--swiglu"] if config.swiglu else []
     flags += [] if config.add_bias_linear else ["--disable-bias-linear"]
     flags += ["--untie-embeddings-and-output-weights"] if config.untie_embeddings_and_output_weights else []

@@ -236,6 +236,8 @@ def to_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, *, bos_token_id
             tensor = _vocab_rows(tensor, v, ours_name)
         hf[hf_name] = tensor.t() if transposed else tensor
     if architecture == "llama":
+        _require(config.rotary_percent == 1.0, f"--rotary-percent {config.rotary_percent}: LlamaForCausalLM "
+                 "rotates every dim of a head; a partial rotary model cannot be exported to it")
         hf_config = {
             **common, "hidden_size": config.hidden_size, "intermediate_size": shape.ffn_hidden_size,
             "num_hidden_layers": num_layers, "num_attention_heads": shape.num_heads,
@@ -281,9 +283,7 @@ def model_config_from_hf(hf_config: dict, *, seq_length: int | None = None,
               "untie_embeddings_and_output_weights": not hf_config.get("tie_word_embeddings", True)}
     if model_type == "llama":
         hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-        head_dim = hf_config.get("head_dim") or hidden // heads
-        _require(head_dim * heads == hidden, f"config.json: head_dim {head_dim} x num_attention_heads {heads} != "
-                 f"hidden_size {hidden}; megatron_eff models have head dim = hidden / heads")
+        head_dim = hf_config.get("head_dim") or hidden // heads  # != hidden / heads: our --kv-channels
         _require(hf_config.get("hidden_act", "silu") == "silu",
                  f"config.json: hidden_act {hf_config.get('hidden_act')!r} is not silu (SwiGLU)")
         bias = bool(hf_config.get("attention_bias", False))
@@ -297,6 +297,7 @@ def model_config_from_hf(hf_config: dict, *, seq_length: int | None = None,
             max_position_embeddings=positions, position_embedding_type="rope", rotary_base=_rope_theta(hf_config),
             normalization="RMSNorm", norm_epsilon=hf_config.get("rms_norm_eps", 1e-6), swiglu=True,
             add_bias_linear=bias, attention_dropout=hf_config.get("attention_dropout", 0.0),
+            kv_channels=None if head_dim * heads == hidden else head_dim,
         )
     if model_type == "gpt2":
         activation = hf_config.get("activation_function", "gelu_new")

@@ -49,7 +49,7 @@ class SelfAttention(nn.Module):
             config.hidden_size, qkv_size, bias=config.add_bias_linear, init_std=std
         )
         self.linear_proj = backend.row_linear(
-            config.hidden_size, config.hidden_size, bias=config.add_bias_linear,
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
             init_std=scaled_init_std(std, config.num_layers),
         )
         # Optional sparse pattern inside the causal triangle, set by a training method (MST's hybrid sparse
@@ -59,7 +59,7 @@ class SelfAttention(nn.Module):
         self.core_attention = backend.core_attention()  # no parameters: names match between backends
         self.rotary = None
         if config.position_embedding_type == "rope":
-            self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base)
+            self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base)  # --rotary-percent: first dims
         self.head_site = Site("head", layer_number)  # [s, b, heads, d] context, before linear_proj
 
     def forward(self, x: torch.Tensor, inference_cache=None, heads: torch.Tensor | None = None) -> torch.Tensor:

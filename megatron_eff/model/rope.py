@@ -36,5 +36,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [s, b, n, d]` by the angles of its position (cos/sin `[s, 1, 1, d]`)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate `x [s, b, n, d]` by the angles of its position (cos/sin `[s, 1, 1, r]`): the first r dims of
+    each head (r < d with Megatron's --rotary-percent), the rest pass through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, rest = x[..., :r], x[..., r:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, rest), dim=-1)

@@ -69,7 +69,7 @@ def count_parameters(config: ModelConfig, tp: int = 1) -> int:
     norm = h * (2 if config.normalization == "LayerNorm" else 1)
     qkv_out = (config.num_attention_heads + 2 * config.num_query_groups) * d
     fc1_out = ffn * (2 if config.swiglu else 1)
-    attention = h * qkv_out + qkv_out * bias + h * h + h * bias
+    attention = h * qkv_out + qkv_out * bias + config.num_attention_heads * d * h + h * bias
     mlp = h * fc1_out + fc1_out * bias + ffn * h + h * bias
     layer = 2 * norm + attention + mlp
     vocab = config.padded_vocab_size(tp) * h

@@ -1,0 +1,148 @@
+"""Megatron-LM launch scripts, unchanged: the flags of its GPT/LLaMA examples that the other flag groups do not
+define. Each one either works as in Megatron-LM (sample-based training and LR schedule, `--kv-channels`,
+`--rotary-percent`, `--decoupled-lr`, `--manual-gc`, `--profile`, ...), or is a Megatron-internal knob that
+has no meaning here and is accepted with one logged line saying so (`NO_EFFECT`), or is refused with an
+error naming it (`NOT_SUPPORTED`). Nothing is ignored silently.
+
+    add_arguments(parser)        the flags
+    resolve(args) -> (args, notes)   a copy of `args` with sample-based flags turned into the iteration flags
+                                     the rest of the code uses, and the lines to log; ValueError on a
+                                     refused flag
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+# flag -> why it has no effect here (accepted so launch scripts run; logged once at start-up)
+NO_EFFECT = {
+    "--use-mcore-models": "there is one model implementation here (megatron_eff.model), Megatron-core's layout",
+    "--attention-backend": "attention is F.scaled_dot_product_attention (local) or TE's DotProductAttention "
+                           "(--transformer-impl transformer_engine), picked by the backend, not by this flag",
+    "--ckpt-format": "checkpoints are always torch.distributed.checkpoint (Megatron's torch_dist), resharding "
+                     "across TP/PP/DP on load",
+    "--empty-unused-memory-level": "the CUDA caching allocator is left alone; nothing to empty on CPU",
+    "--no-create-attention-mask-in-dataloader": "the data pipeline never builds attention masks (causal SDPA)",
+    "--cross-entropy-loss-fusion": "the vocab-parallel cross entropy is already one fused function here "
+                                   "(parallel/cross_entropy.py); a token-chunked variant does not exist yet",
+    "--fp8-param-gather": "parameters are kept and all-gathered in their master dtype; FP8 is applied at the GEMM",
+    "--log-throughput": "tokens/s, TFLOP/s and MFU are always logged",
+    "--no-masked-softmax-fusion": "softmax is inside SDPA",
+    "--no-bias-gelu-fusion": "no fused bias-GeLU kernel is used",
+    "--no-bias-swiglu-fusion": "no fused bias-SwiGLU kernel is used",
+    "--no-bias-dropout-fusion": "no fused bias-dropout kernel is used",
+    "--no-rope-fusion": "RoPE is plain PyTorch (model/rope.py)",
+    "--no-gradient-accumulation-fusion": "gradients accumulate in .grad / the DP buffer with PyTorch ops",
+}
+
+# flag -> why it is refused (semantics we do not implement yet: an error, never a silent difference)
+NOT_SUPPORTED = {
+    "--rampup-batch-size": "batch-size ramp-up is not implemented; use a constant --global-batch-size",
+    "--step-batch-size-schedule": "batch-size schedules are not implemented; use a constant --global-batch-size",
+    "--tiktoken-pattern": "Megatron's TikTokenizer is not implemented; use HuggingFaceTokenizer or "
+                          "SentencePieceTokenizer",
+    "--no-mmap-bin-files": ".bin files are always memory-mapped here",
+    "--apply-layernorm-1p": "zero-centred LayerNorm weights (layernorm-1p) are not implemented",
+    "--grad-reduce-in-bf16": "gradients are reduced in the parameters' dtype (FP32 master weights)",
+}
+
+
+DEFAULT_TRAIN_ITERS = 100
+
+_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level", "--rampup-batch-size",
+                "--step-batch-size-schedule", "--tiktoken-pattern")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Megatron-LM compatibility (README: Coming from Megatron-LM)")
+    g.add_argument("--train-samples", type=int,
+                   help="train for this many samples instead of --train-iters (needs --global-batch-size)")
+    g.add_argument("--lr-warmup-samples", type=int, help="LR warm-up in samples (sample-based training)")
+    g.add_argument("--lr-decay-samples", type=int, help="LR decay length in samples (sample-based training)")
+    g.add_argument("--lr-warmup-fraction", type=float,
+                   help="LR warm-up as a fraction of the decay length (instead of --lr-warmup-iters/-samples)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="context parallelism; only 1 (none) is implemented")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="disable Python's automatic garbage collection; collect every --manual-gc-interval "
+                        "iterations instead (fewer pauses at random points of the step)")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: iterations between collections (0: only at start-up)")
+    g.add_argument("--profile", action="store_true",
+                   help="record a torch.profiler trace of iterations [--profile-step-start, --profile-step-end) "
+                        "into --tensorboard-dir (or ./profile)")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    for flag, why in NO_EFFECT.items():
+        if flag in _TAKES_VALUE:
+            g.add_argument(flag, help=f"accepted, no effect here: {why}")
+        else:
+            g.add_argument(flag, action="store_true", help=f"accepted, no effect here: {why}")
+    for flag, why in NOT_SUPPORTED.items():
+        if flag in _TAKES_VALUE:
+            g.add_argument(flag, nargs="+", help=f"refused: {why}")
+        else:
+            g.add_argument(flag, action="store_true", help=f"refused: {why}")
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+    return value not in (None, False)
+
+
+def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+    """Sample-based flags -> iteration flags (on a copy), refused flags -> ValueError; the lines to log."""
+    args = argparse.Namespace(**vars(args))
+    for flag, why in NOT_SUPPORTED.items():
+        if _given(args, flag):
+            raise ValueError(f"{flag}: {why}")
+    if args.context_parallel_size != 1:
+        raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
+                         "implemented; use 1 (split long sequences with --sequence-parallel under TP instead)")
+    notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
+    if args.train_samples is None and args.train_iters is None:
+        args.train_iters = DEFAULT_TRAIN_ITERS
+    sample_flags = [f for f in ("--train-samples", "--lr-warmup-samples", "--lr-decay-samples") if _given(args, f)]
+    if sample_flags:
+        notes += _samples_to_iterations(args, sample_flags)
+    if args.lr_warmup_fraction is not None:
+        if not 0 <= args.lr_warmup_fraction <= 1:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+        if args.lr_warmup_iters or _given(args, "--lr-warmup-samples"):
+            raise ValueError("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are mutually exclusive")
+        decay = args.lr_decay_iters or args.train_iters
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * decay)  # Megatron: fraction x decay steps
+    if args.manual_gc_interval < 0:
+        raise ValueError(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
+    if args.profile and not 0 <= args.profile_step_start < args.profile_step_end:
+        raise ValueError(f"--profile-step-start {args.profile_step_start} must be < --profile-step-end "
+                         f"{args.profile_step_end}")
+    return args, notes
+
+
+def _samples_to_iterations(args: argparse.Namespace, flags: list[str]) -> list[str]:
+    """Megatron counts a sample-based schedule in samples; with a constant global batch that is iterations
+    of `global_batch_size` samples: train = ceil(samples / gbs) iterations (Megatron stops at the first
+    iteration whose consumed samples reach --train-samples), warm-up and decay = samples / gbs (the LR at
+    each iteration is then the one Megatron computes at the same consumed-sample count)."""
+    gbs = args.global_batch_size
+    if gbs is None:
+        raise ValueError(f"{', '.join(flags)} need --global-batch-size (samples are converted to iterations of "
+                         "one global batch)")
+    if _given(args, "--train-samples"):
+        if args.train_iters is not None:
+            raise ValueError("--train-iters and --train-samples are mutually exclusive")
+        args.train_iters = math.ceil(args.train_samples / gbs)
+    if _given(args, "--lr-warmup-samples"):
+        if args.lr_warmup_iters:
+            raise ValueError("--lr-warmup-iters and --lr-warmup-samples are mutually exclusive")
+        args.lr_warmup_iters = args.lr_warmup_samples // gbs
+    if _given(args, "--lr-decay-samples"):
+        if args.lr_decay_iters is not None:
+            raise ValueError("--lr-decay-iters and --lr-decay-samples are mutually exclusive")
+        args.lr_decay_iters = args.lr_decay_samples // gbs
+    return [f"sample-based schedule: {', '.join(flags)} -> --train-iters {args.train_iters}, --lr-warmup-iters "
+            f"{args.lr_warmup_iters}, --lr-decay-iters {args.lr_decay_iters or args.train_iters} "
+            f"(global batch {gbs})"]

@@ -28,7 +28,8 @@ from megatron_eff.methods import add_method_arguments, method_configs_from_args
 _MODEL_FIELDS = [
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "seq_length",
     "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by", "position_embedding_type",
-    "rotary_base", "rotary_percent", "kv_channels", "normalization", "norm_epsilon", "swiglu", "init_method_std",
+    "rotary_base", "rotary_percent", "kv_channels", "apply_layernorm_1p", "normalization", "norm_epsilon", "swiglu",
+    "init_method_std",
     "attention_dropout", "hidden_dropout", "recompute_activations", "transformer_impl",
     "untie_embeddings_and_output_weights",
 ]
@@ -56,6 +57,8 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
     g.add_argument("--rotary-base", type=float)
     g.add_argument("--rotary-percent", type=float, help="fraction of each head's dims RoPE rotates (default: 1.0)")
+    g.add_argument("--apply-layernorm-1p", action="store_true", default=None,
+                   help="zero-centred norm scales: stored as w, applied as 1 + w (weight decay pulls them to 1)")
     g.add_argument("--kv-channels", type=int, help="head dim (default: --hidden-size / --num-attention-heads)")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", type=float)
@@ -81,6 +84,8 @@ def _parallel_group(parser: argparse.ArgumentParser) -> None:
                    help="with --use-distributed-optimizer: overlap the parameter all-gather with the next forward")
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
                    help="elements per data-parallel gradient bucket (default 40M, as Megatron-LM)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="data-parallel gradient reduction in BF16 (half the bytes); accumulation stays FP32")
 
 
 def _training_group(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +127,8 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
     g.add_argument("--data-cache-path")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read .bin files with pread instead of memory-mapping them")
     g.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes that read and collate batches ahead of use (0: in the "
                         "training process); the batches and their order do not change")
@@ -253,7 +260,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_grad_reduce=args.overlap_grad_reduce,
             overlap_param_gather=args.overlap_param_gather,
-            ddp_bucket_size=args.ddp_bucket_size,
+            ddp_bucket_size=args.ddp_bucket_size, grad_reduce_in_bf16=args.grad_reduce_in_bf16,
         ),
         optim=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
@@ -275,6 +282,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
             data_cache_path=args.data_cache_path, num_workers=args.num_workers, mock_data=args.mock_data,
             max_blend_weight=args.data_max_blend_weight, per_domain_validation=args.per_domain_validation,
+            mmap_bin_files=args.mmap_bin_files,
         ),
         checkpoint=CheckpointConfig(
             save=args.save, load=args.load, save_interval=args.save_interval, finetune=args.finetune,

@@ -34,6 +34,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0
+    apply_layernorm_1p: bool = False  # zero-centred norm scales, applied as 1 + weight (Megatron's flag)
     rotary_percent: float = 1.0  # RoPE on the first fraction of each head's dims (Megatron's --rotary-percent)
     kv_channels: int | None = None  # head dim; default hidden / heads (Megatron's --kv-channels)
     normalization: str = "LayerNorm"  # or "RMSNorm"
@@ -177,6 +178,7 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False  # wait for each bucket's parameter all-gather in the next forward
     ddp_bucket_size: int = 40_000_000  # elements per data-parallel gradient bucket (Megatron's default)
+    grad_reduce_in_bf16: bool = False  # data-parallel gradient reduction in BF16 (the buffer stays FP32)
 
     def __post_init__(self) -> None:
         require(
@@ -333,6 +335,7 @@ class DataConfig:
     mock_data: bool = False
     max_blend_weight: float | None = None  # size blend members for live weights up to this (None: initial)
     per_domain_validation: bool = True  # a validation loss per --data-path domain (several prefixes)
+    mmap_bin_files: bool = True  # False: read .bin files with pread instead of mmap (--no-mmap-bin-files)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")

@@ -34,17 +34,15 @@ NO_EFFECT = {
     "--no-bias-dropout-fusion": "no fused bias-dropout kernel is used",
     "--no-rope-fusion": "RoPE is plain PyTorch (model/rope.py)",
     "--no-gradient-accumulation-fusion": "gradients accumulate in .grad / the DP buffer with PyTorch ops",
+    "--tiktoken-pattern": "only Megatron's TikTokenizer reads it, as in Megatron-LM; that tokenizer type is not "
+                          "implemented here (--tokenizer-type refuses it), so the pattern is unused",
 }
 
 # flag -> why it is refused (semantics we do not implement yet: an error, never a silent difference)
 NOT_SUPPORTED = {
-    "--rampup-batch-size": "batch-size ramp-up is not implemented; use a constant --global-batch-size",
+    "--rampup-batch-size": "batch-size ramp-up is not implemented; use a constant --global-batch-size (Megatron-LM "
+                           "itself refuses it with --train-iters: ramp-up needs sample-based training)",
     "--step-batch-size-schedule": "batch-size schedules are not implemented; use a constant --global-batch-size",
-    "--tiktoken-pattern": "Megatron's TikTokenizer is not implemented; use HuggingFaceTokenizer or "
-                          "SentencePieceTokenizer",
-    "--no-mmap-bin-files": ".bin files are always memory-mapped here",
-    "--apply-layernorm-1p": "zero-centred LayerNorm weights (layernorm-1p) are not implemented",
-    "--grad-reduce-in-bf16": "gradients are reduced in the parameters' dtype (FP32 master weights)",
 }
 
 
@@ -102,6 +100,10 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
         raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
                          "implemented; use 1 (split long sequences with --sequence-parallel under TP instead)")
     notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
+    mixed = [f for f in ("--lr-warmup-samples", "--lr-decay-samples") if _given(args, f)]
+    if args.train_iters is not None and mixed:  # Megatron-LM: one of iteration- or sample-based, never both
+        raise ValueError(f"--train-iters (iteration-based training) cannot be combined with {', '.join(mixed)} "
+                         "(sample-based); use --train-samples, or --lr-warmup-iters/--lr-decay-iters")
     if args.train_samples is None and args.train_iters is None:
         args.train_iters = DEFAULT_TRAIN_ITERS
     sample_flags = [f for f in ("--train-samples", "--lr-warmup-samples", "--lr-decay-samples") if _given(args, f)]

@@ -30,7 +30,13 @@ def load_ours(checkpoint):
     return load_model(str(checkpoint)).eval()
 
 
-@pytest.mark.parametrize("shape", ARCHS.values(), ids=ARCHS.keys())
+# Megatron-LM shape flags: --kv-channels (head dim 16, not 64 / 8) and --apply-layernorm-1p (zero-centred scales)
+MEGATRON_SHAPES = {"llama-kv-channels-1p": {**LLAMA, "kv_channels": 16, "apply_layernorm_1p": True},
+                   "gpt2-1p": {**GPT2, "apply_layernorm_1p": True}}
+
+
+@pytest.mark.parametrize("shape", [*ARCHS.values(), *MEGATRON_SHAPES.values()],
+                         ids=[*ARCHS.keys(), *MEGATRON_SHAPES.keys()])
 def test_export_logits_match_transformers(tmp_path, shape):
     config = ModelConfig(**shape)
     model = random_model(config)

@@ -112,10 +112,11 @@ def get_split_indices(fractions: list[float], num_documents: int) -> list[int]:
 
 
 def _build_split_datasets(
-    prefix: str, fractions: list[float], num_samples: list[int], seq_length: int, seed: int, cache_path
+    prefix: str, fractions: list[float], num_samples: list[int], seq_length: int, seed: int, cache_path,
+    mmap: bool = True,
 ) -> list[GPTDataset | None]:
     """The train/valid/test ``GPTDataset``s of one prefix (None where no samples are asked for)."""
-    indexed = IndexedDataset(prefix)
+    indexed = IndexedDataset(prefix, mmap=mmap)
     bounds = get_split_indices(fractions, indexed.num_documents)
     datasets: list[GPTDataset | None] = []
     for k, name in enumerate(SPLIT_NAMES):
@@ -154,6 +155,7 @@ def build_datasets(
     *,
     max_blend_weight: float | None = None,
     per_domain_valid: bool = True,
+    mmap_bin_files: bool = True,
 ) -> Datasets:
     """Train/valid/test datasets (``GPTDataset`` for one prefix, ``BlendedDataset`` for several) and, with
     ``per_domain_valid``, one validation set per blend member (see the module docstring for both options)."""
@@ -163,7 +165,8 @@ def build_datasets(
     if max_blend_weight is not None and not 0 < max_blend_weight <= 1:
         raise ValueError(f"max_blend_weight must be in (0, 1], got {max_blend_weight}")
     if len(prefixes) == 1:
-        splits = _build_split_datasets(prefixes[0], fractions, num_samples, seq_length, seed, cache_path)
+        splits = _build_split_datasets(prefixes[0], fractions, num_samples, seq_length, seed, cache_path,
+                                        mmap_bin_files)
         per_domain = {domain_names(prefixes)[0]: splits[1]} if per_domain_valid and splits[1] is not None else {}
         return Datasets(*splits, valid_per_domain=per_domain)
     members = [(p, w) for p, w in zip(prefixes, weights, strict=True) if w > 0 or max_blend_weight is not None]
@@ -172,7 +175,8 @@ def build_datasets(
         counts = [math.ceil(weight * n * BLEND_MARGIN) for n in num_samples]
         if max_blend_weight is not None:  # live weights: the train split may be asked for more
             counts[0] = math.ceil(max(weight, max_blend_weight) * num_samples[0] * BLEND_MARGIN)
-        per_prefix.append(_build_split_datasets(prefix, fractions, counts, seq_length, seed, cache_path))
+        per_prefix.append(_build_split_datasets(prefix, fractions, counts, seq_length, seed, cache_path,
+                                                 mmap_bin_files))
     blends = []
     for k, name in enumerate(SPLIT_NAMES):
         if fractions[k] == 0 or num_samples[k] == 0:
@@ -184,7 +188,8 @@ def build_datasets(
     if per_domain_valid and blends[1] is not None:
         only_valid = [0, num_samples[1], 0]
         for name, (prefix, _) in zip(domain_names([p for p, _ in members]), members, strict=True):
-            per_domain[name] = _build_split_datasets(prefix, fractions, only_valid, seq_length, seed, cache_path)[1]
+            per_domain[name] = _build_split_datasets(prefix, fractions, only_valid, seq_length, seed, cache_path,
+                                                     mmap_bin_files)[1]
     return Datasets(*blends, valid_per_domain=per_domain)
 
 

@@ -155,17 +155,52 @@ class _Index:
             )
 
 
+class _FileBytes:
+    """The bytes of a file, sliced like a uint8 array but read with `os.pread` (no mmap, no shared offset:
+    safe in forked data-loader workers)."""
+
+    def __init__(self, path: str, size: int):
+        self.path, self.size = path, size
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self.size)
+        if step != 1:
+            raise ValueError("only contiguous byte ranges can be read")
+        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, max(stop - start, 0), start)
+        if len(data) != max(stop - start, 0):
+            raise OSError(f"{self.path}: short read of bytes [{start}, {stop}) (file changed while reading?)")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "size": self.size, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
 class IndexedDataset:
     """Read-only view of ``PREFIX.bin``/``PREFIX.idx``; ``dataset[i]`` is sequence ``i``'s token ids."""
 
-    def __init__(self, path_prefix: str):
+    def __init__(self, path_prefix: str, mmap: bool = True):
+        """`mmap=False` (Megatron's `--no-mmap-bin-files`): the .bin is read with one `pread` per access
+        instead of being memory-mapped (for file systems where mmap is slow or unsupported)."""
         self.path_prefix = str(path_prefix)
         idx_path, bin_path = _existing_pair(self.path_prefix)
         self._index = _Index(idx_path)
         self._bin_path = bin_path
         self._check_bin_size()
         bin_size = os.path.getsize(bin_path)
-        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+        if not bin_size:
+            self._bin = np.zeros(0, np.uint8)
+        elif mmap:
+            self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8)
+        else:
+            self._bin = _FileBytes(bin_path, bin_size)
 
     def _check_bin_size(self) -> None:
         """The .bin size must equal sum(lengths) * itemsize and every sequence must lie inside it."""

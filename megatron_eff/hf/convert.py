@@ -202,6 +202,7 @@ def model_flags(config: ModelConfig, null_tokenizer: bool = False) -> list[str]:
         flags += ["--rotary-base", config.rotary_base]
         flags += ["--rotary-percent", config.rotary_percent] if config.rotary_percent != 1.0 else []
     flags += ["--swiglu"] if config.swiglu else []
+    flags += ["--apply-layernorm-1p"] if config.apply_layernorm_1p else []
     flags += [] if config.add_bias_linear else ["--disable-bias-linear"]
     flags += ["--untie-embeddings-and-output-weights"] if config.untie_embeddings_and_output_weights else []
     return [str(f) for f in flags]

@@ -234,6 +234,8 @@ def to_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, *, bos_token_id
         tensor = tensors[ours_name]
         if ours_name in VOCAB_TABLES:
             tensor = _vocab_rows(tensor, v, ours_name)
+        if config.apply_layernorm_1p and ours_name.endswith("layernorm.weight"):
+            tensor = tensor + 1  # zero-centred scales (--apply-layernorm-1p): HF applies the scale as stored
         hf[hf_name] = tensor.t() if transposed else tensor
     if architecture == "llama":
         _require(config.rotary_percent == 1.0, f"--rotary-percent {config.rotary_percent}: LlamaForCausalLM "

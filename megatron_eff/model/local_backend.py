@@ -41,7 +41,8 @@ class LocalBackend:
 
     def norm(self, hidden_size: int) -> nn.Module:
         norm_class = LayerNorm if self.config.normalization == "LayerNorm" else RMSNorm
-        return norm_class(hidden_size, self.config.norm_epsilon, self.sequence_parallel)
+        return norm_class(hidden_size, self.config.norm_epsilon, self.sequence_parallel,
+                          zero_centered_gamma=self.config.apply_layernorm_1p)
 
     def core_attention(self) -> nn.Module:
         """Causal attention of this rank's heads: q `[s, b, nq/tp, d]`, k/v `[s, b, g/tp, d]` -> `[s, b, nq/tp * d]`."""

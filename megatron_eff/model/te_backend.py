@@ -130,12 +130,14 @@ class TEBackend:
             module = self.te.Linear(input_size, output_size, bias=bias, **kwargs)
         else:
             module = self.te.LayerNormLinear(input_size, output_size, eps=self.config.norm_epsilon, bias=bias,
-                                             normalization=self.config.normalization, **kwargs)
+                                             normalization=self.config.normalization,
+                                             zero_centered_gamma=self.config.apply_layernorm_1p, **kwargs)
             _absorb_norm(norm)
+            gamma_init = "zeros" if self.config.apply_layernorm_1p else "ones"
             for name in ("layer_norm_weight", "layer_norm_bias"):
                 param = getattr(module, name, None)
                 if param is not None:
-                    mark_sharded(param, None, param.shape, "ones" if name.endswith("weight") else "zeros")
+                    mark_sharded(param, None, param.shape, gamma_init if name.endswith("weight") else "zeros")
                     param.sequence_parallel = self.sequence_parallel
         per_part = output_size // num_fused
         mark_sharded(module.weight, 1 if num_fused > 1 else 0,

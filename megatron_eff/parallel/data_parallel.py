@@ -140,7 +140,8 @@ class GradSync:
     (with `shard=True`: only the owned slices of the grad buffer are, see `owned_range`)."""
 
     def __init__(self, params, pstate: ParallelState, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
-                 overlap: bool = False, shard: bool = False, overlap_param_gather: bool = False):
+                 overlap: bool = False, shard: bool = False, overlap_param_gather: bool = False,
+                 reduce_dtype: torch.dtype | None = None):
         self.params = [p for p in params if p.requires_grad]
         self.pstate, self.dp_group, self.dp_size = pstate, pstate.dp_group, pstate.dp_size
         self.overlap, self.shard = overlap and self.dp_size > 1, shard
@@ -149,6 +150,9 @@ class GradSync:
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         device, dtype = self.params[0].device, self.params[0].dtype  # FP32 master weights: FP32 main grads
         self.grad_buffer = torch.zeros(total, dtype=dtype, device=device)
+        # --grad-reduce-in-bf16: the data-parallel reduction travels in this dtype (half the bytes); the
+        # buffer itself stays FP32, so accumulation over micro-batches keeps full precision
+        self.reduce_dtype = reduce_dtype or dtype
         self.grad_views = {p: self._view(self.grad_buffer, p) for p in self.params}
         self.param_buffer = None
         if shard:  # parameters become views into one flat buffer, gathered after each step
@@ -199,15 +203,19 @@ class GradSync:
 
     def _launch(self, bucket: Bucket) -> None:
         if self.dp_size == 1 or bucket.work:
-            bucket.work = bucket.work or [(None, None)]
+            bucket.work = bucket.work or [(None, None, None)]
             return
         data = self.grad_buffer[bucket.start:bucket.end]
+        cast = self.reduce_dtype != data.dtype
+        if cast:
+            data = data.to(self.reduce_dtype)  # kept alive in `work` until the reduction completes
         if self.shard:
             scratch = torch.empty(bucket.numel // self.dp_size, dtype=data.dtype, device=data.device)
             handle = _reduce_scatter_flat(scratch, data, group=self.dp_group, async_op=True)
         else:
-            scratch, handle = None, dist.all_reduce(data, group=self.dp_group, async_op=True)
-        bucket.work = [(handle, scratch)]
+            handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+            scratch = data if cast else None  # reduced in place, or in a cast copy that `finish` copies back
+        bucket.work = [(handle, scratch, data)]
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -218,7 +226,7 @@ class GradSync:
                 self._model_parallel_reductions(bucket)
             self._launch(bucket)
         for bucket in self.buckets:
-            (handle, scratch), bucket.work = bucket.work[0], []  # no finished Work outlives its wait
+            (handle, scratch, _sent), bucket.work = bucket.work[0], []  # no finished Work outlives its wait
             if handle is None:
                 continue
             handle.wait()

@@ -77,6 +77,24 @@ def build_optimizer(named_params, config: OptimizerConfig, grad_sync: GradSync |
     return AdamW(groups, **adam)
 
 
+# Megatron's embedding-or-output parameters: what --decoupled-lr trains with its own LR
+_DECOUPLED_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def decoupled_lr_groups(named_params, config: OptimizerConfig) -> list[dict]:
+    """With `--decoupled-lr`: one group of the word embedding and output layer weights following the run's
+    LR schedule between `--decoupled-min-lr` (default `--min-lr`) and `--decoupled-lr`, decayed like every
+    matrix (Megatron-LM's decoupled learning rate). Empty without the flag or on a stage without them."""
+    if config.decoupled_lr is None:
+        return []
+    params = [p for name, p in named_params if p.requires_grad and name.endswith(_DECOUPLED_NAMES)]
+    if not params:
+        return []
+    min_lr = config.min_lr if config.decoupled_min_lr is None else config.decoupled_min_lr
+    return [{"params": params, "max_lr": config.decoupled_lr, "min_lr": min_lr,
+             "weight_decay": config.weight_decay}]
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, iteration: int | None = None,
                       config: OptimizerConfig | None = None, train_iters: int | None = None) -> None:
     """`lr` for the default groups; a group with its own "max_lr" follows the same schedule between its

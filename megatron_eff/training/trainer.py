@@ -62,8 +62,15 @@ from megatron_eff.training.checkpointing import (
 from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
 from megatron_eff.training.loss import attach_aux_loss, aux_loss_scale, iteration_loss
 from megatron_eff.training.lr_schedule import checkpoint_schedule, learning_rate, schedule_differences
-from megatron_eff.training.optimizer import build_optimizer, clip_gradients, global_grad_norm, set_learning_rate
+from megatron_eff.training.optimizer import (
+    build_optimizer,
+    clip_gradients,
+    decoupled_lr_groups,
+    global_grad_norm,
+    set_learning_rate,
+)
 from megatron_eff.training.report import end_summary, startup_summary
+from megatron_eff.training.step_hooks import StepHooks
 
 
 @dataclass
@@ -157,7 +164,7 @@ def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
     data = build_data(
         config.data.data_path, config.data.split, (train_samples, valid_samples, 0), seq, config.train.seed,
         config.data.data_cache_path, max_blend_weight=config.data.max_blend_weight,
-        per_domain_valid=config.data.per_domain_validation,
+        per_domain_valid=config.data.per_domain_validation, mmap_bin_files=config.data.mmap_bin_files,
     )
     per_domain = data.valid_per_domain if len(data.valid_per_domain) > 1 else {}
     return data.train, data.valid, per_domain
@@ -288,12 +295,16 @@ class Trainer:
             list(self.named_params.values()), pstate, bucket_size=parallel.ddp_bucket_size,
             overlap=parallel.overlap_grad_reduce, shard=parallel.use_distributed_optimizer,
             overlap_param_gather=parallel.overlap_param_gather,
+            reduce_dtype=torch.bfloat16 if parallel.grad_reduce_in_bf16 else None,
         )
         self.grad_sync.install_param_gather_hooks(self.model)  # --overlap-param-gather: wait per module
         self.optimizer = build_optimizer(self.named_params.items(), config.optim, self.grad_sync,
-                                         self.methods.param_groups())
+                                         decoupled_lr_groups(self.named_params.items(), config.optim)
+                                         + self.methods.param_groups())
         self.precision = PrecisionRuntime(config, self.model, pstate)  # loss scaling, FP8 state, TE autocast
         self.autocast = self.precision.wrap_autocast(autocast_context(config, self.device))
+        for note in config.notes:  # Megatron-LM flags: what was converted or has no effect here
+            log(note, pstate.rank == 0)
         log(f"model: {sum(p.numel() for p in self.named_params.values()):,} parameters on this rank "
             f"({pstate.describe()})", pstate.rank == 0)
         self.state = TrainState()
@@ -316,6 +327,7 @@ class Trainer:
             seq_length=config.model.seq_length,
         )
         self.result = RunResult(self.state)
+        self.step_hooks = StepHooks(config, pstate.rank)  # --manual-gc, --profile
 
     # --- building -----------------------------------------------------------------------------------------
 
@@ -468,12 +480,14 @@ class Trainer:
             iteration = state.iteration + 1
             lr = learning_rate(state.iteration, config.optim, train.train_iters)
             self.methods.before_iteration(iteration)
+            self.step_hooks.before_iteration(iteration)
             batches = self.methods.select_batch(iteration, self.batch_source)  # a coreset, or None
             if batches is None:
                 batches = self.batch_source.next_global_batch()
             result = self.train_step(batches, iteration, lr)
             state.iteration = iteration
             state.consumed_train_samples = self.batch_source.consumed_samples
+            self.step_hooks.after_iteration(iteration)
             bad_steps = self._account_skips(result, bad_steps)
             self.result.losses.append(result.loss)
             self.logger.record(result.loss, tokens_per_iter, flops_per_iter, skipped=result.skipped)
@@ -502,6 +516,9 @@ class Trainer:
 
     def close(self) -> None:
         self.batch_source.close()  # worker processes exit
+        self.step_hooks.close()
+        if self.step_hooks.trace_file:
+            log(f"profiler trace: {self.step_hooks.trace_file}", True)
         self.grad_sync.finish_param_gather()  # the last step's weights, for whoever reads the model next
         summary = self.methods.summary()
         if summary:

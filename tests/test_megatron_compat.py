@@ -1,0 +1,239 @@
+"""Megatron-LM launch lines run here: its example scripts' flags (tiny shapes appended), sample-based
+schedules equal to Megatron's formulas, the flags with semantics (decoupled LR, BF16 gradient reduction,
+layernorm-1p, --no-mmap-bin-files, manual GC, the profiler), no-effect flags logged and refused ones named."""
+
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eff import megatron_compat
+from megatron_eff.arguments import build_parser, config_from_args, parse_args
+from megatron_eff.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_eff.model.norms import LayerNorm, RMSNorm
+from megatron_eff.training import trainer as trainer_lib
+from megatron_eff.training.lr_schedule import learning_rate
+
+# Megatron-LM examples/llama/train_llama3_8b_h100_fp8.sh, as its flags are written (MODEL_ARGS, TRAINING_ARGS,
+# MODEL_PARALLEL_ARGS, DDP_ARGS, mock DATA_ARGS, EVAL_AND_LOGGING_ARGS), with FP8 left out (CPU) and the sizes
+# and sample counts overridden by TINY below (argparse: the last occurrence wins).
+LLAMA3_8B = """
+--use-mcore-models --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32
+--group-query-attention --num-query-groups 8 --kv-channels 128 --seq-length 8192 --max-position-embeddings 8192
+--position-embedding-type rope --rotary-base 1000000 --rotary-percent 1.0 --attention-dropout 0.0
+--hidden-dropout 0.0 --swiglu --init-method-std 0.0134 --attention-backend fused --apply-layernorm-1p
+--untie-embeddings-and-output-weights --disable-bias-linear
+--micro-batch-size 1 --global-batch-size 128 --train-samples 1953125000 --lr-decay-samples 1949218748
+--lr-warmup-samples 3906252 --lr 0.00015 --min-lr 0.00001 --decoupled-lr 5.0e-4 --decoupled-min-lr 4.5e-5
+--lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16
+--grad-reduce-in-bf16 --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc
+--empty-unused-memory-level 1 --exit-duration-in-mins 235
+--tensor-model-parallel-size 1 --context-parallel-size 1 --sequence-parallel
+--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+--mock-data --tokenizer-type NullTokenizer --vocab-size 128256 --tiktoken-pattern v2 --split 99,1,0
+--no-create-attention-mask-in-dataloader --no-mmap-bin-files --num-workers 1
+--log-interval 1 --eval-iters 32 --eval-interval 100 --save-interval 1000 --log-throughput --profile
+--profile-step-start 4 --profile-step-end 6 --ckpt-format torch_dist
+""".split()
+# Tiny shapes and sample counts: 2 layers, hidden 64, 4 heads of kv-channels 32 (not 64 / 4 = 16), 2 groups;
+# 24 samples of global batch 4 = 6 iterations, warm-up 8 samples = 2 iterations. FP32 on CPU (no --bf16).
+TINY = """
+--num-layers 2 --hidden-size 64 --ffn-hidden-size 96 --num-attention-heads 4 --num-query-groups 2
+--kv-channels 32 --seq-length 32 --max-position-embeddings 32 --vocab-size 200 --global-batch-size 4
+--micro-batch-size 2 --train-samples 24 --lr-decay-samples 24 --lr-warmup-samples 8 --eval-iters 1
+--eval-interval 3 --save-interval 100 --profile-step-start 2 --profile-step-end 4 --tensor-model-parallel-size 1
+--num-workers 0
+""".split()
+
+
+def _without(flags: list[str], *names: str) -> list[str]:
+    return [f for f in flags if f not in names]
+
+
+def test_megatron_llama3_launch_line_trains(tmp_path, capsys):
+    flags = _without(LLAMA3_8B, "--bf16", "--sequence-parallel") + TINY  # SP needs TP > 1; BF16 is slow on CPU
+    ckpt = str(tmp_path / "ckpt")
+    config = config_from_args(parse_args([*flags, "--save", ckpt, "--load", ckpt, "--tensorboard-dir",
+                                          str(tmp_path / "tb")]))
+    assert config.train.train_iters == 6 and config.optim.lr_warmup_iters == 2 and config.optim.lr_decay_iters == 6
+    assert config.model.head_dim == 32 and config.model.apply_layernorm_1p and config.data.mmap_bin_files is False
+    assert config.parallel.grad_reduce_in_bf16 and config.train.manual_gc
+    result = trainer_lib.pretrain(config)
+    assert result.state.iteration == 6 and all(math.isfinite(loss) for loss in result.losses)
+    assert result.losses[-1] < result.losses[0]
+    out = capsys.readouterr().out
+    for flag in ("--use-mcore-models", "--attention-backend", "--ckpt-format", "--empty-unused-memory-level",
+                 "--no-create-attention-mask-in-dataloader", "--tiktoken-pattern"):
+        assert f"{flag}: accepted, no effect here" in out, flag
+    assert "--train-iters 6" in out  # the sample-based schedule in iterations, said once
+    traces = list((tmp_path / "tb").glob("trace_rank0/iterations_2-3.pt.trace.json"))
+    assert traces and traces[0].stat().st_size > 0
+    assert gc.isenabled()  # --manual-gc hands automatic collection back at the end
+
+
+def test_megatron_gpt3_launch_line_refuses_rampup_with_iterations():
+    """examples/gpt3/train_gpt3_175b_distributed.sh combines --rampup-batch-size with --train-iters, which
+    Megatron-LM itself refuses; so do we, naming the flag."""
+    flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+             "--attention-backend auto --micro-batch-size 1 --global-batch-size 4 --rampup-batch-size 16 16 5859375 "
+             "--train-iters 10 --lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 "
+             "--lr-decay-iters 8 --mock-data").split()
+    with pytest.raises(ValueError, match="--rampup-batch-size"):
+        config_from_args(parse_args(flags))
+    config = config_from_args(parse_args(_without(flags, "--rampup-batch-size", "16", "5859375")))
+    assert config.optim.lr_warmup_iters == int(0.001 * 8)  # Megatron: fraction x decay steps
+
+
+def _megatron_lr(samples: int, max_lr: float, min_lr: float, warmup: int, decay: int) -> float:
+    """Megatron-LM's OptimizerParamScheduler.get_lr (cosine) at `samples` consumed samples."""
+    if warmup > 0 and samples <= warmup:
+        return max_lr * samples / warmup
+    if samples > decay:
+        return min_lr
+    ratio = (samples - warmup) / (decay - warmup)
+    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (max_lr - min_lr)
+
+
+@pytest.mark.parametrize("gbs,warmup,decay", [(4, 8, 40), (16, 64, 1024), (3, 9, 30)])
+def test_sample_schedule_equals_megatron_at_batch_boundaries(gbs, warmup, decay):
+    """At every iteration from the end of warm-up on, the LR equals Megatron's formula evaluated at the
+    consumed samples (lengths that are whole global batches). During warm-up our step k uses (k+1)/W where
+    Megatron uses k/W: one step ahead, the same ramp."""
+    config = config_from_args(parse_args(
+        ["--mock-data", "--model-preset", "llama-tiny", "--global-batch-size", str(gbs), "--micro-batch-size",
+         str(gbs), "--train-samples", str(decay), "--lr-warmup-samples", str(warmup), "--lr-decay-samples",
+         str(decay), "--lr", "1e-3", "--min-lr", "1e-4"]))
+    iters = config.train.train_iters
+    assert iters == math.ceil(decay / gbs)
+    for k in range(warmup // gbs, iters):
+        ours = learning_rate(k, config.optim, iters)
+        assert ours == pytest.approx(_megatron_lr(k * gbs, 1e-3, 1e-4, warmup, decay), rel=1e-12, abs=1e-15), k
+    for k in range(warmup // gbs):
+        assert learning_rate(k, config.optim, iters) == pytest.approx(_megatron_lr((k + 1) * gbs, 1e-3, 1e-4,
+                                                                                   warmup, decay), rel=1e-12)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train-iters", "10", "--lr-warmup-samples", "8", "--global-batch-size", "4"], "cannot be combined"),
+    (["--train-samples", "10"], "need --global-batch-size"),
+    (["--train-samples", "16", "--train-iters", "4", "--global-batch-size", "4"], "mutually exclusive"),
+    (["--step-batch-size-schedule", "1:4"], "--step-batch-size-schedule"),
+    (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction"),
+])
+def test_refused_megatron_flags_name_themselves(flags, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_args(parse_args(["--mock-data", "--model-preset", "llama-tiny", *flags]))
+
+
+def test_every_compat_flag_is_accounted_for():
+    """Each flag the compat group defines is converted, has semantics, is logged as no-effect, or is refused."""
+    assert not set(megatron_compat.NO_EFFECT) & set(megatron_compat.NOT_SUPPORTED)
+    parser_flags = {a for action in build_parser()._actions for a in action.option_strings}
+    for flag in [*megatron_compat.NO_EFFECT, *megatron_compat.NOT_SUPPORTED, "--apply-layernorm-1p",
+                 "--grad-reduce-in-bf16", "--no-mmap-bin-files", "--decoupled-lr", "--kv-channels",
+                 "--rotary-percent", "--calculate-per-token-loss", "--profile", "--manual-gc"]:
+        assert flag in parser_flags, flag
+
+
+@pytest.mark.parametrize("norm_class", [LayerNorm, RMSNorm])
+def test_layernorm_1p_is_the_norm_with_scale_one_plus_weight(norm_class):
+    torch.manual_seed(0)
+    plain, centred = norm_class(16), norm_class(16, zero_centered_gamma=True)
+    with torch.no_grad():
+        w = torch.randn(16) * 0.1
+        plain.weight.copy_(1 + w)
+        centred.weight.copy_(w)
+        if norm_class is LayerNorm:
+            plain.bias.normal_()
+            centred.bias.copy_(plain.bias)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(centred(x), plain(x), rtol=0, atol=1e-6)  # 1 + w rounds once in FP32
+
+
+def test_decoupled_lr_group_follows_its_own_bounds():
+    config = config_from_args(parse_args(
+        ["--mock-data", "--model-preset", "llama-tiny", "--untie-embeddings-and-output-weights", "--lr", "1e-3",
+         "--min-lr", "1e-4", "--decoupled-lr", "5e-3", "--decoupled-min-lr", "5e-4", "--lr-warmup-iters", "2",
+         "--train-iters", "10", "--micro-batch-size", "2", "--seq-length", "16", "--max-position-embeddings", "16",
+         "--eval-iters", "0"]))
+    trainer = trainer_lib.Trainer(config)
+    names = {id(p): n for n, p in trainer.named_params.items()}
+    groups = [g for g in trainer.optimizer.param_groups if "max_lr" in g]
+    assert len(groups) == 1
+    assert sorted(names[id(p)] for p in groups[0]["params"]) == ["embedding.word_embeddings.weight",
+                                                                 "output_layer.weight"]
+    assert groups[0]["weight_decay"] == config.optim.weight_decay
+    trainer.train()
+    # after the last step the LR was set for step 9 of 10: cosine near its end, between each group's bounds
+    others = [g for g in trainer.optimizer.param_groups if "max_lr" not in g]
+    progress = (9 - 2) / (10 - 2)
+    coeff = 0.5 * (1 + math.cos(math.pi * progress))
+    assert groups[0]["lr"] == pytest.approx(5e-4 + coeff * (5e-3 - 5e-4), rel=1e-12)
+    assert others[0]["lr"] == pytest.approx(1e-4 + coeff * (1e-3 - 1e-4), rel=1e-12)
+
+
+def test_no_mmap_bin_files_reads_the_same_tokens(tmp_path):
+    prefix = str(tmp_path / "data")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for length in (5, 1, 17, 3):
+        builder.add_document(rng.integers(0, 1000, length), [length])
+    builder.finalize(prefix + ".idx")
+    mapped, read = IndexedDataset(prefix), IndexedDataset(prefix, mmap=False)
+    assert not isinstance(read._bin, np.memmap)
+    for i in range(len(mapped)):
+        np.testing.assert_array_equal(read.get(i), mapped.get(i))
+        np.testing.assert_array_equal(read.get(i, 1, 2) if len(mapped.get(i)) >= 3 else read.get(i),
+                                      mapped.get(i, 1, 2) if len(mapped.get(i)) >= 3 else mapped.get(i))
+    assert read.fingerprint == mapped.fingerprint
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["all-reduce", "reduce-scatter"])
+def test_grad_reduce_in_bf16_sends_bf16_and_keeps_fp32_buffer(monkeypatch, shard):
+    """Two identical data-parallel ranks (a fake collective that doubles): the reduction sees BF16 tensors and
+    the FP32 gradient is the BF16 rounding of the true one (x2 and /2 are exact), nothing else."""
+    from megatron_eff.parallel import data_parallel
+    from megatron_eff.parallel.data_parallel import GradSync
+    from megatron_eff.parallel.state import ParallelState
+
+    sent = []
+
+    def fake_all_reduce(tensor, group=None, async_op=False):
+        sent.append(tensor.dtype)
+        tensor.mul_(2)
+        return _Done()
+
+    def fake_reduce_scatter(out, tensor, group=None, async_op=False):
+        sent.append(tensor.dtype)
+        out.copy_(tensor[: out.numel()] * 2)  # rank 0's slice, summed over two identical ranks
+        return _Done()
+
+    monkeypatch.setattr(data_parallel.dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(data_parallel, "_reduce_scatter_flat", fake_reduce_scatter)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(10))]
+    sync = GradSync(params, ParallelState(dp_size=2, world_size=2, dp_group=object()), bucket_size=1000,
+                    shard=shard, reduce_dtype=torch.bfloat16)
+    sync.start(num_micro_batches=1)
+    true = [torch.randn_like(p) * 1e-3 for p in params]
+    sum((p * g).sum() for p, g in zip(params, true, strict=True)).backward()
+    sync.finish()
+    assert sent and set(sent) == {torch.bfloat16}
+    assert sync.grad_buffer.dtype == torch.float32
+    checked = 0
+    for p, g in zip(params, true, strict=True):
+        lo, hi = sync.owned_range(sync.bucket_of[p])  # with sharding, this rank's slice of the bucket only
+        positions = torch.arange(sync.offsets[p], sync.offsets[p] + p.numel())
+        owned = (positions >= lo) & (positions < hi)
+        got, want = sync.grad_views[p].flatten()[owned], g.flatten()[owned].to(torch.bfloat16).float()
+        assert torch.equal(got, want)
+        assert not torch.equal(got, g.flatten()[owned])  # the rounding did happen: the path is BF16
+        checked += int(owned.sum())
+    assert checked == (sync.grad_buffer.numel() // 2 if shard else sync.grad_buffer.numel())

@@ -57,6 +57,11 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
     g.add_argument("--rotary-base", type=float)
     g.add_argument("--rotary-percent", type=float, help="fraction of each head's dims RoPE rotates (default: 1.0)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="compute the (vocab-parallel) cross entropy --cross-entropy-chunk-tokens tokens at a time: "
+                        "no full-size float32 copies of the logits or the softmax")
+    g.add_argument("--cross-entropy-chunk-tokens", type=int, default=1024,
+                   help="tokens per chunk with --cross-entropy-loss-fusion")
     g.add_argument("--apply-layernorm-1p", action="store_true", default=None,
                    help="zero-centred norm scales: stored as w, applied as 1 + w (weight decay pulls them to 1)")
     g.add_argument("--kv-channels", type=int, help="head dim (default: --hidden-size / --num-attention-heads)")
@@ -236,6 +241,8 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int | None = No
             values[name] = value
     if args.disable_bias_linear:
         values["add_bias_linear"] = False
+    if args.cross_entropy_loss_fusion:
+        values["cross_entropy_chunk_tokens"] = args.cross_entropy_chunk_tokens
     if args.num_query_groups is not None and not args.group_query_attention:
         raise ValueError("--num-query-groups needs --group-query-attention")
     if args.group_query_attention and values.get("num_query_groups") is None:

@@ -34,6 +34,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0
+    cross_entropy_chunk_tokens: int | None = None  # --cross-entropy-loss-fusion: the loss this many tokens at a time
     apply_layernorm_1p: bool = False  # zero-centred norm scales, applied as 1 + weight (Megatron's flag)
     rotary_percent: float = 1.0  # RoPE on the first fraction of each head's dims (Megatron's --rotary-percent)
     kv_channels: int | None = None  # head dim; default hidden / heads (Megatron's --kv-channels)
@@ -59,6 +60,8 @@ class ModelConfig:
             f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
             f"{self.num_attention_heads} (or give the head dim with --kv-channels)",
         )
+        require(self.cross_entropy_chunk_tokens is None or self.cross_entropy_chunk_tokens > 0,
+                f"--cross-entropy-chunk-tokens must be positive, got {self.cross_entropy_chunk_tokens}")
         require(0 < self.rotary_percent <= 1, f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads

@@ -1,8 +1,8 @@
 """Megatron-LM launch scripts, unchanged: the flags of its GPT/LLaMA examples that the other flag groups do not
 define. Each one either works as in Megatron-LM (sample-based training and LR schedule, `--kv-channels`,
-`--rotary-percent`, `--decoupled-lr`, `--manual-gc`, `--profile`, ...), or is a Megatron-internal knob that
-has no meaning here and is accepted with one logged line saying so (`NO_EFFECT`), or is refused with an
-error naming it (`NOT_SUPPORTED`). Nothing is ignored silently.
+`--rotary-percent`, `--decoupled-lr`, `--manual-gc`, `--profile`, ... — some are defined with the groups they
+belong to), or is a Megatron-internal knob that has no meaning here and is accepted with one logged line
+saying so (`NO_EFFECT`), or is refused with an error naming it (`NOT_SUPPORTED`). Nothing is ignored silently.
 
     add_arguments(parser)        the flags
     resolve(args) -> (args, notes)   a copy of `args` with sample-based flags turned into the iteration flags
@@ -24,8 +24,6 @@ NO_EFFECT = {
                      "across TP/PP/DP on load",
     "--empty-unused-memory-level": "the CUDA caching allocator is left alone; nothing to empty on CPU",
     "--no-create-attention-mask-in-dataloader": "the data pipeline never builds attention masks (causal SDPA)",
-    "--cross-entropy-loss-fusion": "the vocab-parallel cross entropy is already one fused function here "
-                                   "(parallel/cross_entropy.py); a token-chunked variant does not exist yet",
     "--fp8-param-gather": "parameters are kept and all-gathered in their master dtype; FP8 is applied at the GEMM",
     "--log-throughput": "tokens/s, TFLOP/s and MFU are always logged",
     "--no-masked-softmax-fusion": "softmax is inside SDPA",

@@ -337,3 +337,29 @@ def test_tensor_parallel_matches_single_process(tmp_path):
             for piece in pieces:
                 message = f"{name} sp={sequence_parallel}"
                 torch.testing.assert_close(piece, param.grad, rtol=1e-4, atol=1e-6, msg=message)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_cross_entropy_equals_plain_in_loss_and_logits_grad(chunk, dtype):
+    """--cross-entropy-loss-fusion: the chunked loss and d loss / d logits are the plain ones. In float64 both
+    paths round at ~1e-16 relative; in BF16 both upcast the same BF16 logits to float32 and differ only by
+    float32 summation order (~1e-6 relative), while the gradient rounds once to BF16 (2^-8 relative)."""
+    from megatron_eff.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 5, 33, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, 33, (6, 5), generator=gen)
+    weights = torch.rand(6, 5, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient (loss mask)
+    results = []
+    for chunk_tokens in (None, chunk):
+        x = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(x, target, chunk_tokens=chunk_tokens)
+        (loss.double() * weights).sum().backward()
+        results.append((loss, x.grad))
+    (plain, plain_grad), (chunked, chunked_grad) = results
+    assert chunked.dtype == plain.dtype and chunked_grad.dtype == dtype
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, plain, **tol)
+    grad_tol = tol if dtype == torch.float64 else dict(rtol=2**-7, atol=2**-7 * plain_grad.abs().max().item())
+    torch.testing.assert_close(chunked_grad, plain_grad, **grad_tol)

@@ -28,6 +28,9 @@ SMALL_BUCKETS = ["--overlap-grad-reduce", "--ddp-bucket-size", "4000"]  # severa
     [
         ("tp2", TP2, 2),
         ("tp2-sp", [*TP2, "--sequence-parallel"], 2),
+        # the chunked cross entropy (5 tokens: chunks straddle sequences and micro-batches) against the plain one
+        ("tp2-sp-ce-chunked", [*TP2, "--sequence-parallel", "--cross-entropy-loss-fusion",
+                               "--cross-entropy-chunk-tokens", "5"], 2),
         ("dp2-overlap", SMALL_BUCKETS, 2),
         ("tp2-dp2", TP2, 4),
     ],

@@ -141,7 +141,8 @@ class GPTModel(nn.Module):
         logits = self._logits(x)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.pstate.tp_group)  # [s, b]
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.pstate.tp_group,
+                                            chunk_tokens=self.config.cross_entropy_chunk_tokens)  # [s, b]
         return loss.t().contiguous()  # [b, s]; b*s floats, so the copy is free
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -272,6 +272,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
         optim=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
             lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+            lr_warmup_samples=args.lr_warmup_samples or 0, lr_decay_samples=args.lr_decay_samples,
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
             adam_eps=args.adam_eps, clip_grad=args.clip_grad, decoupled_lr=args.decoupled_lr,
             decoupled_min_lr=args.decoupled_min_lr,
@@ -283,6 +284,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             max_bad_steps=args.max_bad_steps, calculate_per_token_loss=args.calculate_per_token_loss,
             manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins, exit_signal_handler=args.exit_signal_handler,
+            train_samples=args.train_samples, rampup_batch_size=args.rampup_batch_size,
         ),
         data=DataConfig(
             data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,

@@ -255,6 +255,9 @@ class OptimizerConfig:
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # default: train_iters
+    # sample-based schedule (--train-samples): Megatron-LM's formula at the consumed samples; decay None = iterations
+    lr_warmup_samples: int = 0
+    lr_decay_samples: int | None = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -299,8 +302,12 @@ class TrainConfig:
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = False
+    train_samples: int | None = None  # sample-based training (Megatron's --train-samples); train_iters derived
+    rampup_batch_size: list[int] | None = None  # [start, increment, ramp samples] (needs train_samples)
 
     def __post_init__(self) -> None:
+        require(self.rampup_batch_size is None or self.train_samples is not None,
+                "--rampup-batch-size needs sample-based training (--train-samples), as in Megatron-LM")
         require(self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}")
         require(self.train_iters > 0, f"--train-iters must be positive, got {self.train_iters}")
         require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")

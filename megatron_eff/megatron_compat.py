@@ -13,7 +13,6 @@ saying so (`NO_EFFECT`), or is refused with an error naming it (`NOT_SUPPORTED`)
 from __future__ import annotations
 
 import argparse
-import math
 
 # flag -> why it has no effect here (accepted so launch scripts run; logged once at start-up)
 NO_EFFECT = {
@@ -38,16 +37,14 @@ NO_EFFECT = {
 
 # flag -> why it is refused (semantics we do not implement yet: an error, never a silent difference)
 NOT_SUPPORTED = {
-    "--rampup-batch-size": "batch-size ramp-up is not implemented; use a constant --global-batch-size (Megatron-LM "
-                           "itself refuses it with --train-iters: ramp-up needs sample-based training)",
     "--step-batch-size-schedule": "batch-size schedules are not implemented; use a constant --global-batch-size",
 }
 
 
 DEFAULT_TRAIN_ITERS = 100
 
-_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level", "--rampup-batch-size",
-                "--step-batch-size-schedule", "--tiktoken-pattern")
+_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level", "--step-batch-size-schedule",
+                "--tiktoken-pattern")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train for this many samples instead of --train-iters (needs --global-batch-size)")
     g.add_argument("--lr-warmup-samples", type=int, help="LR warm-up in samples (sample-based training)")
     g.add_argument("--lr-decay-samples", type=int, help="LR decay length in samples (sample-based training)")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, metavar=("START", "INCREMENT", "RAMP_SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over RAMP_SAMPLES samples to "
+                        "--global-batch-size (needs --train-samples, as in Megatron-LM)")
     g.add_argument("--lr-warmup-fraction", type=float,
                    help="LR warm-up as a fraction of the decay length (instead of --lr-warmup-iters/-samples)")
     g.add_argument("--context-parallel-size", type=int, default=1,
@@ -98,22 +98,21 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
         raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
                          "implemented; use 1 (split long sequences with --sequence-parallel under TP instead)")
     notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
-    mixed = [f for f in ("--lr-warmup-samples", "--lr-decay-samples") if _given(args, f)]
-    if args.train_iters is not None and mixed:  # Megatron-LM: one of iteration- or sample-based, never both
-        raise ValueError(f"--train-iters (iteration-based training) cannot be combined with {', '.join(mixed)} "
+    sample_flags = [f for f in ("--train-samples", "--lr-warmup-samples", "--lr-decay-samples",
+                                "--rampup-batch-size") if _given(args, f)]
+    if args.train_iters is not None and sample_flags:  # Megatron-LM: iteration- or sample-based, never both
+        raise ValueError(f"--train-iters (iteration-based training) cannot be combined with {', '.join(sample_flags)} "
                          "(sample-based); use --train-samples, or --lr-warmup-iters/--lr-decay-iters")
-    if args.train_samples is None and args.train_iters is None:
-        args.train_iters = DEFAULT_TRAIN_ITERS
-    sample_flags = [f for f in ("--train-samples", "--lr-warmup-samples", "--lr-decay-samples") if _given(args, f)]
-    if sample_flags:
-        notes += _samples_to_iterations(args, sample_flags)
-    if args.lr_warmup_fraction is not None:
-        if not 0 <= args.lr_warmup_fraction <= 1:
-            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
-        if args.lr_warmup_iters or _given(args, "--lr-warmup-samples"):
-            raise ValueError("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are mutually exclusive")
-        decay = args.lr_decay_iters or args.train_iters
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * decay)  # Megatron: fraction x decay steps
+    if args.train_samples is not None:
+        notes += _sample_based(args, sample_flags)
+    elif sample_flags:
+        raise ValueError(f"{', '.join(sample_flags)} need --train-samples (sample-based training)")
+    else:
+        if args.train_iters is None:
+            args.train_iters = DEFAULT_TRAIN_ITERS
+        if args.lr_warmup_fraction is not None:
+            _check_warmup_fraction(args, args.lr_warmup_iters)
+            args.lr_warmup_iters = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
     if args.manual_gc_interval < 0:
         raise ValueError(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
     if args.profile and not 0 <= args.profile_step_start < args.profile_step_end:
@@ -122,27 +121,43 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     return args, notes
 
 
-def _samples_to_iterations(args: argparse.Namespace, flags: list[str]) -> list[str]:
-    """Megatron counts a sample-based schedule in samples; with a constant global batch that is iterations
-    of `global_batch_size` samples: train = ceil(samples / gbs) iterations (Megatron stops at the first
-    iteration whose consumed samples reach --train-samples), warm-up and decay = samples / gbs (the LR at
-    each iteration is then the one Megatron computes at the same consumed-sample count)."""
+def _check_warmup_fraction(args: argparse.Namespace, warmup_given) -> None:
+    if not 0 <= args.lr_warmup_fraction <= 1:
+        raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    if warmup_given:
+        raise ValueError("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are mutually exclusive")
+
+
+def _sample_based(args: argparse.Namespace, flags: list[str]) -> list[str]:
+    """Megatron-LM's sample-based training: the run is `--train-samples // --global-batch-size` iterations
+    (with `--rampup-batch-size`, its ramp iterations then whole constant batches: `BatchRampup.train_iters`),
+    and the LR schedule is counted in samples (`lr_schedule.sample_learning_rate` at the consumed samples):
+    warm-up `--lr-warmup-samples` (or `--lr-warmup-fraction` x the decay), decay `--lr-decay-samples`
+    (default `--train-samples`)."""
+    from megatron_eff.training.batch_rampup import BatchRampup
+
     gbs = args.global_batch_size
     if gbs is None:
-        raise ValueError(f"{', '.join(flags)} need --global-batch-size (samples are converted to iterations of "
-                         "one global batch)")
-    if _given(args, "--train-samples"):
-        if args.train_iters is not None:
-            raise ValueError("--train-iters and --train-samples are mutually exclusive")
-        args.train_iters = math.ceil(args.train_samples / gbs)
-    if _given(args, "--lr-warmup-samples"):
-        if args.lr_warmup_iters:
-            raise ValueError("--lr-warmup-iters and --lr-warmup-samples are mutually exclusive")
-        args.lr_warmup_iters = args.lr_warmup_samples // gbs
-    if _given(args, "--lr-decay-samples"):
-        if args.lr_decay_iters is not None:
-            raise ValueError("--lr-decay-iters and --lr-decay-samples are mutually exclusive")
-        args.lr_decay_iters = args.lr_decay_samples // gbs
-    return [f"sample-based schedule: {', '.join(flags)} -> --train-iters {args.train_iters}, --lr-warmup-iters "
-            f"{args.lr_warmup_iters}, --lr-decay-iters {args.lr_decay_iters or args.train_iters} "
-            f"(global batch {gbs})"]
+        raise ValueError(f"{', '.join(flags)} need --global-batch-size (Megatron-LM's sample-based training)")
+    if args.train_samples < 1:
+        raise ValueError(f"--train-samples must be positive, got {args.train_samples}")
+    if args.lr_warmup_iters or args.lr_decay_iters is not None:
+        raise ValueError("--lr-warmup-iters/--lr-decay-iters are iteration-based; with --train-samples use "
+                         "--lr-warmup-samples/--lr-decay-samples (as Megatron-LM)")
+    if args.rampup_batch_size is not None:
+        ramp = BatchRampup(*args.rampup_batch_size, global_batch_size=gbs)
+        args.train_iters = ramp.train_iters(args.train_samples)
+    else:
+        args.train_iters = args.train_samples // gbs
+    if args.train_iters < 1:
+        raise ValueError(f"--train-samples {args.train_samples} is less than one global batch ({gbs})")
+    if args.lr_decay_samples is None:
+        args.lr_decay_samples = args.train_samples
+    if args.lr_warmup_fraction is not None:
+        _check_warmup_fraction(args, _given(args, "--lr-warmup-samples"))
+        args.lr_warmup_samples = int(args.lr_warmup_fraction * args.lr_decay_samples)
+    args.lr_warmup_samples = args.lr_warmup_samples or 0
+    ramp_note = f", batch ramp-up {' '.join(map(str, args.rampup_batch_size))}" if args.rampup_batch_size else ""
+    return [f"sample-based training: --train-samples {args.train_samples} -> {args.train_iters} iterations "
+            f"(global batch {gbs}{ramp_note}); LR warm-up {args.lr_warmup_samples} and decay "
+            f"{args.lr_decay_samples} samples"]

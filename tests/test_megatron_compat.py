@@ -57,7 +57,8 @@ def test_megatron_llama3_launch_line_trains(tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     config = config_from_args(parse_args([*flags, "--save", ckpt, "--load", ckpt, "--tensorboard-dir",
                                           str(tmp_path / "tb")]))
-    assert config.train.train_iters == 6 and config.optim.lr_warmup_iters == 2 and config.optim.lr_decay_iters == 6
+    assert config.train.train_iters == 6 and config.optim.lr_warmup_samples == 8
+    assert config.optim.lr_decay_samples == 24
     assert config.model.head_dim == 32 and config.model.apply_layernorm_1p and config.data.mmap_bin_files is False
     assert config.parallel.grad_reduce_in_bf16 and config.train.manual_gc
     result = trainer_lib.pretrain(config)
@@ -67,23 +68,42 @@ def test_megatron_llama3_launch_line_trains(tmp_path, capsys):
     for flag in ("--use-mcore-models", "--attention-backend", "--ckpt-format", "--empty-unused-memory-level",
                  "--no-create-attention-mask-in-dataloader", "--tiktoken-pattern"):
         assert f"{flag}: accepted, no effect here" in out, flag
-    assert "--train-iters 6" in out  # the sample-based schedule in iterations, said once
+    assert "--train-samples 24 -> 6 iterations" in out  # the sample-based run in iterations, said once
     traces = list((tmp_path / "tb").glob("trace_rank0/iterations_2-3.pt.trace.json"))
     assert traces and traces[0].stat().st_size > 0
     assert gc.isenabled()  # --manual-gc hands automatic collection back at the end
 
 
+GPT3 = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+        "--attention-backend auto --micro-batch-size 2 --global-batch-size 6 --lr 6.0e-5 --lr-decay-style cosine "
+        "--min-lr 6.0e-6 --lr-warmup-fraction .25 --mock-data --eval-iters 0 --log-interval 1").split()
+
+
 def test_megatron_gpt3_launch_line_refuses_rampup_with_iterations():
     """examples/gpt3/train_gpt3_175b_distributed.sh combines --rampup-batch-size with --train-iters, which
     Megatron-LM itself refuses; so do we, naming the flag."""
-    flags = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
-             "--attention-backend auto --micro-batch-size 1 --global-batch-size 4 --rampup-batch-size 16 16 5859375 "
-             "--train-iters 10 --lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 "
-             "--lr-decay-iters 8 --mock-data").split()
     with pytest.raises(ValueError, match="--rampup-batch-size"):
-        config_from_args(parse_args(flags))
-    config = config_from_args(parse_args(_without(flags, "--rampup-batch-size", "16", "5859375")))
-    assert config.optim.lr_warmup_iters == int(0.001 * 8)  # Megatron: fraction x decay steps
+        config_from_args(parse_args([*GPT3, "--rampup-batch-size", "2", "2", "12", "--train-iters", "10"]))
+
+
+def test_batch_rampup_follows_megatron_and_resumes_exactly(tmp_path):
+    """--rampup-batch-size 2 2 12 to a global batch of 6: one increment per 12 / 2 = 6 samples, so the batches
+    are 2, 2, 2 (consumed 0, 2, 4), 4, 4 (consumed 6, 10), then 6 once consumed > 12; Megatron counts 5 ramp
+    iterations (to 14 samples) + (26 - 14) // 6 = 2. A run stopped inside the ramp resumes it exactly."""
+    flags = [*GPT3, "--rampup-batch-size", "2", "2", "12", "--train-samples", "26"]
+    config = config_from_args(parse_args(flags))
+    assert config.train.train_iters == 7 and config.optim.lr_decay_samples == 26
+    assert config.optim.lr_warmup_samples == int(0.25 * 26)  # Megatron: fraction x decay samples
+    straight = trainer_lib.pretrain(config)
+    assert straight.state.iteration == 7 and straight.state.consumed_train_samples == 26
+    ckpt = str(tmp_path / "ckpt")
+    first = trainer_lib.pretrain(config_from_args(parse_args([*flags, "--save", ckpt, "--exit-interval", "4"])))
+    assert first.state.consumed_train_samples == 2 + 2 + 2 + 4
+    second = trainer_lib.pretrain(config_from_args(parse_args([*flags, "--load", ckpt])))
+    assert first.losses + second.losses == straight.losses  # bitwise: the ramp continues where it stopped
+    with pytest.raises(ValueError, match=r"global batch size\(s\) \[5\] of the ramp"):  # 2, 5, 8 with mbs 2
+        trainer_lib.Trainer(config_from_args(parse_args(
+            [*GPT3, "--global-batch-size", "8", "--rampup-batch-size", "2", "3", "12", "--train-samples", "26"])))
 
 
 def _megatron_lr(samples: int, max_lr: float, min_lr: float, warmup: int, decay: int) -> float:
@@ -96,29 +116,31 @@ def _megatron_lr(samples: int, max_lr: float, min_lr: float, warmup: int, decay:
     return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (max_lr - min_lr)
 
 
-@pytest.mark.parametrize("gbs,warmup,decay", [(4, 8, 40), (16, 64, 1024), (3, 9, 30)])
-def test_sample_schedule_equals_megatron_at_batch_boundaries(gbs, warmup, decay):
-    """At every iteration from the end of warm-up on, the LR equals Megatron's formula evaluated at the
-    consumed samples (lengths that are whole global batches). During warm-up our step k uses (k+1)/W where
-    Megatron uses k/W: one step ahead, the same ramp."""
+@pytest.mark.parametrize("gbs,warmup,decay,train", [(4, 8, 40, 40), (16, 64, 1000, 1100), (3, 10, 31, 33)])
+def test_sample_schedule_equals_megatron(gbs, warmup, decay, train):
+    """--train-samples runs: train_samples // gbs iterations, and the LR of every step (the decoupled group's
+    too) is Megatron-LM's formula at the samples consumed before it, also where the lengths are not whole
+    global batches."""
     config = config_from_args(parse_args(
         ["--mock-data", "--model-preset", "llama-tiny", "--global-batch-size", str(gbs), "--micro-batch-size",
-         str(gbs), "--train-samples", str(decay), "--lr-warmup-samples", str(warmup), "--lr-decay-samples",
+         str(gbs), "--train-samples", str(train), "--lr-warmup-samples", str(warmup), "--lr-decay-samples",
          str(decay), "--lr", "1e-3", "--min-lr", "1e-4"]))
     iters = config.train.train_iters
-    assert iters == math.ceil(decay / gbs)
-    for k in range(warmup // gbs, iters):
-        ours = learning_rate(k, config.optim, iters)
-        assert ours == pytest.approx(_megatron_lr(k * gbs, 1e-3, 1e-4, warmup, decay), rel=1e-12, abs=1e-15), k
-    for k in range(warmup // gbs):
-        assert learning_rate(k, config.optim, iters) == pytest.approx(_megatron_lr((k + 1) * gbs, 1e-3, 1e-4,
-                                                                                   warmup, decay), rel=1e-12)
+    assert iters == train // gbs
+    for k in range(iters):
+        ours = learning_rate(k, config.optim, iters, consumed_samples=k * gbs)
+        assert ours == pytest.approx(_megatron_lr(k * gbs, 1e-3, 1e-4, warmup, decay), rel=1e-12, abs=1e-18), k
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--train-iters", "10", "--lr-warmup-samples", "8", "--global-batch-size", "4"], "cannot be combined"),
     (["--train-samples", "10"], "need --global-batch-size"),
-    (["--train-samples", "16", "--train-iters", "4", "--global-batch-size", "4"], "mutually exclusive"),
+    (["--lr-decay-samples", "10"], "need --train-samples"),
+    (["--train-samples", "16", "--lr-warmup-iters", "2", "--global-batch-size", "4"], "iteration-based"),
+    (["--train-samples", "3", "--global-batch-size", "4"], "less than one global batch"),
+    (["--train-samples", "40", "--global-batch-size", "8", "--rampup-batch-size", "3", "2", "10"],
+     "non-negative multiple of the increment"),
+    (["--train-samples", "16", "--train-iters", "4", "--global-batch-size", "4"], "cannot be combined"),
     (["--step-batch-size-schedule", "1:4"], "--step-batch-size-schedule"),
     (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction"),
 ])

@@ -157,9 +157,10 @@ class BatchSource:
         self.consumed_samples += count * self.step_size
         return batches
 
-    def next_global_batch(self) -> list[dict]:
-        """This rank's ``num_micro_batches`` collated micro-batches of the next global batch."""
-        return self._read_steps(self.num_micro_batches)
+    def next_global_batch(self, num_micro_batches: int | None = None) -> list[dict]:
+        """This rank's collated micro-batches of the next global batch: ``num_micro_batches`` of them (default:
+        the source's; a batch-size ramp-up passes each iteration's own)."""
+        return self._read_steps(num_micro_batches or self.num_micro_batches)
 
     def draw(self, num_samples: int) -> Candidates:
         """Read the next ``num_samples`` samples (a multiple of micro_batch_size * dp) as a candidate pool."""

@@ -11,8 +11,14 @@ import math
 from megatron_eff.config import OptimizerConfig
 
 
-def learning_rate(iteration: int, config: OptimizerConfig, train_iters: int) -> float:
-    """LR for the step that produces iteration `iteration + 1` (0-based step index)."""
+def learning_rate(iteration: int, config: OptimizerConfig, train_iters: int,
+                  consumed_samples: int | None = None) -> float:
+    """LR for the step that produces iteration `iteration + 1` (0-based step index). A sample-based schedule
+    (`config.lr_decay_samples` set) is a function of `consumed_samples` (before the step) instead."""
+    if config.lr_decay_samples is not None:
+        if consumed_samples is None:
+            raise ValueError("a sample-based LR schedule needs the consumed samples")
+        return sample_learning_rate(consumed_samples, config)
     warmup = config.lr_warmup_iters
     if warmup > 0 and iteration < warmup:
         return config.lr * (iteration + 1) / warmup
@@ -28,9 +34,29 @@ def learning_rate(iteration: int, config: OptimizerConfig, train_iters: int) -> 
     return config.min_lr + coeff * (config.lr - config.min_lr)
 
 
+def sample_learning_rate(consumed_samples: int, config: OptimizerConfig) -> float:
+    """Megatron-LM's OptimizerParamScheduler.get_lr with steps counted in samples (`--train-samples` runs):
+    linear warm-up `lr * samples / warmup` up to `--lr-warmup-samples`, then the decay over
+    `--lr-decay-samples`, `--min-lr` after it."""
+    warmup, decay = config.lr_warmup_samples, config.lr_decay_samples
+    if warmup > 0 and consumed_samples <= warmup:
+        return config.lr * consumed_samples / warmup
+    if config.lr_decay_style == "constant":
+        return config.lr
+    if consumed_samples > decay:
+        return config.min_lr
+    progress = (consumed_samples - warmup) / max(decay - warmup, 1)
+    if config.lr_decay_style == "linear":
+        coeff = 1.0 - progress
+    else:  # cosine
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr + coeff * (config.lr - config.min_lr)
+
+
 # The flags that shape the schedule, by OptimizerConfig field (the decay length also follows --train-iters).
 SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "lr_decay_style": "--lr-decay-style",
-                  "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_iters": "--lr-decay-iters"}
+                  "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_iters": "--lr-decay-iters",
+                  "lr_warmup_samples": "--lr-warmup-samples", "lr_decay_samples": "--lr-decay-samples"}
 
 
 def schedule_differences(config: OptimizerConfig, train_iters: int, saved_optim: dict, saved_train_iters: int,

@@ -96,13 +96,15 @@ def decoupled_lr_groups(named_params, config: OptimizerConfig) -> list[dict]:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, iteration: int | None = None,
-                      config: OptimizerConfig | None = None, train_iters: int | None = None) -> None:
+                      config: OptimizerConfig | None = None, train_iters: int | None = None,
+                      consumed_samples: int | None = None) -> None:
     """`lr` for the default groups; a group with its own "max_lr" follows the same schedule between its
-    "min_lr" (default 0) and "max_lr" (needs `iteration`, `config` and `train_iters`)."""
+    "min_lr" (default 0) and "max_lr" (needs `iteration`, `config` and `train_iters`; `consumed_samples`
+    for a sample-based schedule)."""
     for group in optimizer.param_groups:
         if "max_lr" in group and config is not None:
             own = dataclasses.replace(config, lr=group["max_lr"], min_lr=group.get("min_lr", 0.0))
-            group["lr"] = learning_rate(iteration, own, train_iters)
+            group["lr"] = learning_rate(iteration, own, train_iters, consumed_samples)
         else:
             group["lr"] = lr
 

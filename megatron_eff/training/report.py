@@ -66,15 +66,19 @@ def startup_summary(config: Config, pstate, train_ds, valid_ds, method_names: li
               f"{' (distributed optimizer)' if parallel.use_distributed_optimizer else ''}"
               f" = {pstate.world_size} process{'es' if pstate.world_size > 1 else ''}")
     remaining = train.train_iters - start_iteration
+    plan = f"iterations {start_iteration + 1}..{train.train_iters}"
+    if train.rampup_batch_size is None:
+        plan += f" ({remaining:,} to run, {remaining * gbs * model.seq_length:,} tokens)"
+    else:
+        start, increment, ramp = train.rampup_batch_size
+        plan += f", the global batch ramping up from {start} by {increment} over {ramp:,} samples"
     lines = [
         "run summary:",
         f"  model: {shape}; {total:,} parameters",
         f"  vocabulary: {model.vocab_size:,} (padded to {model.padded_vocab_size(pstate.tp_size):,})",
         f"  layout: {layout}",
         f"  precision: {precision_in_use(config)}",
-        f"  batch: global {gbs} x seq {model.seq_length} = {gbs * model.seq_length:,} tokens per iteration; "
-        f"iterations {start_iteration + 1}..{train.train_iters} ({remaining:,} to run, "
-        f"{remaining * gbs * model.seq_length:,} tokens)",
+        f"  batch: global {gbs} x seq {model.seq_length} = {gbs * model.seq_length:,} tokens per iteration; {plan}",
         f"  data: {dataset_line('train', train_ds, model.seq_length)}",
         f"        {dataset_line('valid', valid_ds, model.seq_length)}",
         f"  methods: {', '.join(method_names) if method_names else 'none'}",

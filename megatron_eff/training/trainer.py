@@ -52,6 +52,7 @@ from megatron_eff.parallel.state import (
 )
 from megatron_eff.precision import PrecisionRuntime, apply_precision
 from megatron_eff.training import flops as flops_lib
+from megatron_eff.training.batch_rampup import BatchRampup
 from megatron_eff.training.checkpointing import (
     TrainState,
     find_checkpoint,
@@ -173,7 +174,7 @@ def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
 def train_step(model, optimizer, batches, num_micro_batches: int, config: Config, pstate: ParallelState,
                lr: float, autocast, grad_sync: GradSync | None = None, methods: MethodList | None = None,
                iteration: int = 0, precision: PrecisionRuntime | None = None, forward_step=lm_forward_step,
-               ) -> StepResult:
+               consumed_samples: int | None = None) -> StepResult:
     """One iteration over `num_micro_batches` micro-batches; the step is skipped on a NaN/inf.
 
     `grad_sync` (bucketed, possibly overlapped / sharded gradient reduction) is armed before the schedule
@@ -216,7 +217,8 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
             precision.end_step(overflow)
         return StepResult(loss, grad_norm, skipped=True, overflow=overflow)
     clip_gradients(main_params, config.optim.clip_grad, grad_norm)
-    set_learning_rate(optimizer, lr, max(iteration - 1, 0), config.optim, config.train.train_iters)
+    set_learning_rate(optimizer, lr, max(iteration - 1, 0), config.optim, config.train.train_iters,
+                      consumed_samples)
     optimizer.step()
     if precision is not None:
         precision.end_step(overflow=False)
@@ -225,6 +227,20 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
             grad_sync.finish_param_gather()
         methods.after_step(iteration)
     return StepResult(loss, grad_norm, skipped=False)
+
+
+def _batch_rampup(config: Config, pstate: ParallelState, methods_on: bool) -> BatchRampup | None:
+    """--rampup-batch-size, checked against the layout (every size whole micro-batches of every DP rank)."""
+    train = config.train
+    if train.rampup_batch_size is None:
+        return None
+    if methods_on:
+        raise ValueError("--rampup-batch-size cannot be combined with a training method (they assume one "
+                         "global batch size)")
+    rampup = BatchRampup(*train.rampup_batch_size, global_batch_size=train.resolved_global_batch_size(pstate.dp_size))
+    interleaved = config.parallel.num_layers_per_virtual_pipeline_stage is not None
+    rampup.check_layout(train.micro_batch_size, pstate.dp_size, pstate.pp_size if interleaved else 1)
+    return rampup
 
 
 def _counts_once(param, pstate: ParallelState) -> bool:
@@ -289,6 +305,7 @@ class Trainer:
         set_seed(config.train.seed)
         self.model = model_chunks(build_model(config, pstate, self.device))
         self.methods = build_methods(config, pstate)
+        self.rampup = _batch_rampup(config, pstate, bool(config.enabled_methods()))
         self.methods.transform_model(self.model)  # before the buckets and the optimizer: what it adds trains
         self.named_params = {name: p for chunk in self.model for name, p in chunk.named_parameters()}
         self.grad_sync = GradSync(
@@ -388,11 +405,20 @@ class Trainer:
             output = attach_aux_loss(output, torch.stack([upcast(t) for t in terms.values()]).sum(), scale)
         return output, loss_func
 
-    def train_step(self, batches: list[dict], iteration: int, lr: float) -> StepResult:
+    def _num_micro_batches(self, consumed_samples: int) -> int:
+        """This iteration's micro-batches per data-parallel rank (they follow the ramp with --rampup-batch-size)."""
+        if self.rampup is None:
+            return self.config.train.num_micro_batches(self.pstate.dp_size)
+        gbs = self.rampup.global_batch_size_at(consumed_samples)
+        return gbs // (self.config.train.micro_batch_size * self.pstate.dp_size)
+
+    def train_step(self, batches: list[dict], iteration: int, lr: float,
+                   consumed_samples: int | None = None) -> StepResult:
         self._loss_scale = self.precision.loss_scale(len(batches))
         return train_step(self.model, self.optimizer, iter(batches), len(batches), self.config, self.pstate, lr,
                           self.autocast, self.grad_sync, methods=self.methods, iteration=iteration,
-                          precision=self.precision, forward_step=self.forward_step)
+                          precision=self.precision, forward_step=self.forward_step,
+                          consumed_samples=consumed_samples)
 
     def evaluate(self) -> dict[str, float]:
         """{"loss": blended validation loss, domain: that domain's validation loss, ...}."""
@@ -465,12 +491,9 @@ class Trainer:
     def train(self) -> RunResult:
         """Run training as configured. Collective under torchrun."""
         config, pstate, state, train = self.config, self.pstate, self.state, self.config.train
-        tokens_per_iter = train.resolved_global_batch_size(pstate.dp_size) * config.model.seq_length
-        # Model FLOPs (no recompute), the numerator of MFU.
-        flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter, config.model.seq_length)
         exit_signal = _ExitSignal(train.exit_signal_handler)
         bad_steps, saved_last = 0, False
-        start_iteration = state.iteration
+        start_iteration, start_samples = state.iteration, state.consumed_train_samples
         if state.iteration >= train.train_iters:
             log(f"nothing to train: the loaded checkpoint is at iteration {state.iteration} and --train-iters is "
                 f"{train.train_iters}; raise --train-iters to continue", pstate.rank == 0)
@@ -478,13 +501,18 @@ class Trainer:
             chunk.train()
         while state.iteration < train.train_iters:
             iteration = state.iteration + 1
-            lr = learning_rate(state.iteration, config.optim, train.train_iters)
+            consumed = state.consumed_train_samples
+            lr = learning_rate(state.iteration, config.optim, train.train_iters, consumed)
             self.methods.before_iteration(iteration)
             self.step_hooks.before_iteration(iteration)
             batches = self.methods.select_batch(iteration, self.batch_source)  # a coreset, or None
             if batches is None:
-                batches = self.batch_source.next_global_batch()
-            result = self.train_step(batches, iteration, lr)
+                batches = self.batch_source.next_global_batch(self._num_micro_batches(consumed))
+            tokens_per_iter = len(batches) * train.micro_batch_size * pstate.dp_size * config.model.seq_length
+            # Model FLOPs (no recompute), the numerator of MFU.
+            flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter,
+                                                                 config.model.seq_length)
+            result = self.train_step(batches, iteration, lr, consumed)
             state.iteration = iteration
             state.consumed_train_samples = self.batch_source.consumed_samples
             self.step_hooks.after_iteration(iteration)
@@ -510,7 +538,7 @@ class Trainer:
             if not saved_last and state.iteration > start_iteration:
                 self.save()
         self.close()
-        tokens = (state.iteration - start_iteration) * tokens_per_iter
+        tokens = (state.consumed_train_samples - start_samples) * config.model.seq_length
         log(end_summary(self.result, tokens, time.time() - self.start_time, self.last_checkpoint), self.is_logger)
         return self.result
 

@@ -23,7 +23,9 @@ def tokenizer_vocab_size(args) -> int | None:
     from megatron_eff.data.tokenizer import build_tokenizer
 
     return build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
-                           merge_file=args.merge_file).vocab_size
+                           merge_file=args.merge_file, tiktoken_pattern=args.tiktoken_pattern,
+                           tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+                           tiktoken_special_tokens=args.tiktoken_special_tokens).vocab_size
 
 
 def main(argv=None) -> int:

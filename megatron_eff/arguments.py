@@ -21,7 +21,7 @@ from megatron_eff.config import (
     PrecisionConfig,
     TrainConfig,
 )
-from megatron_eff.data.tokenizer import NullTokenizer
+from megatron_eff.data.tokenizer import TIKTOKEN_PATTERNS, TOKENIZER_TYPES, NullTokenizer
 from megatron_eff.methods import add_method_arguments, method_configs_from_args
 
 # dest -> (ModelConfig field). Flags whose dest equals the field are listed by name.
@@ -126,9 +126,14 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="+", default=[], help="[W1] PREFIX1 [W2] PREFIX2 ...")
     g.add_argument("--mock-data", action="store_true", help="synthetic random tokens (no --data-path)")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions over documents")
-    g.add_argument("--tokenizer-type", default="NullTokenizer",
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"])
+    g.add_argument("--tokenizer-type", default="NullTokenizer", choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model")
+    g.add_argument("--tiktoken-pattern", choices=sorted(TIKTOKEN_PATTERNS),
+                   help="TikTokenizer split pattern (default v2; other tokenizer types do not read it)")
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                   help="TikTokenizer: ids reserved for special tokens before the BPE ranks")
+    g.add_argument("--tiktoken-special-tokens", nargs="+",
+                   help="TikTokenizer special tokens (default <unk> <s> </s>; must include those three)")
     g.add_argument("--vocab-file")
     g.add_argument("--merge-file")
     g.add_argument("--data-cache-path")
@@ -288,6 +293,8 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
         ),
         data=DataConfig(
             data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,
+            tiktoken_pattern=args.tiktoken_pattern, tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+            tiktoken_special_tokens=args.tiktoken_special_tokens,
             tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file,
             data_cache_path=args.data_cache_path, num_workers=args.num_workers, mock_data=args.mock_data,
             max_blend_weight=args.data_max_blend_weight, per_domain_validation=args.per_domain_validation,

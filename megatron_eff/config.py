@@ -338,6 +338,9 @@ class DataConfig:
     split: str = "969,30,1"
     tokenizer_type: str = "NullTokenizer"
     tokenizer_model: str | None = None
+    tiktoken_pattern: str | None = None  # TikTokenizer only (default v2)
+    tiktoken_num_special_tokens: int = 1000
+    tiktoken_special_tokens: list[str] | None = None
     vocab_file: str | None = None
     merge_file: str | None = None
     data_cache_path: str | None = None

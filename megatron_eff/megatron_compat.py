@@ -31,8 +31,6 @@ NO_EFFECT = {
     "--no-bias-dropout-fusion": "no fused bias-dropout kernel is used",
     "--no-rope-fusion": "RoPE is plain PyTorch (model/rope.py)",
     "--no-gradient-accumulation-fusion": "gradients accumulate in .grad / the DP buffer with PyTorch ops",
-    "--tiktoken-pattern": "only Megatron's TikTokenizer reads it, as in Megatron-LM; that tokenizer type is not "
-                          "implemented here (--tokenizer-type refuses it), so the pattern is unused",
 }
 
 # flag -> why it is refused (semantics we do not implement yet: an error, never a silent difference)
@@ -43,8 +41,7 @@ NOT_SUPPORTED = {
 
 DEFAULT_TRAIN_ITERS = 100
 
-_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level", "--step-batch-size-schedule",
-                "--tiktoken-pattern")
+_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level", "--step-batch-size-schedule")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +95,9 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
         raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
                          "implemented; use 1 (split long sequences with --sequence-parallel under TP instead)")
     notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
+    if getattr(args, "tiktoken_pattern", None) and args.tokenizer_type != "TikTokenizer":
+        notes.append(f"--tiktoken-pattern: accepted, no effect here: only --tokenizer-type TikTokenizer reads it "
+                     f"(this run uses {args.tokenizer_type}), as in Megatron-LM")
     sample_flags = [f for f in ("--train-samples", "--lr-warmup-samples", "--lr-decay-samples",
                                 "--rampup-batch-size") if _given(args, f)]
     if args.train_iters is not None and sample_flags:  # Megatron-LM: iteration- or sample-based, never both

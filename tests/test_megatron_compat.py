@@ -259,3 +259,63 @@ def test_grad_reduce_in_bf16_sends_bf16_and_keeps_fp32_buffer(monkeypatch, shard
         assert not torch.equal(got, g.flatten()[owned])  # the rounding did happen: the path is BF16
         checked += int(owned.sum())
     assert checked == (sync.grad_buffer.numel() // 2 if shard else sync.grad_buffer.numel())
+
+
+def _tiktoken_vocab(path, merges: list[bytes]) -> str:
+    """A Megatron TikTokenizer vocabulary: the 256 bytes, then `merges` in rank order."""
+    import base64
+    import json
+
+    tokens = [bytes([i]) for i in range(256)] + merges
+    entries = [{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("latin-1")}
+               for i, t in enumerate(tokens)]
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_tiktokenizer_ids_follow_megatron_layout(tmp_path):
+    """Special tokens take ids 0..num_special-1 (<unk> <s> </s>, then <SPECIAL_i>); BPE rank r is id
+    num_special + r; merges apply in rank order inside each pattern piece; decode inverts encode."""
+    pytest.importorskip("tiktoken")
+    from megatron_eff.data.tokenizer import build_tokenizer
+
+    vocab = _tiktoken_vocab(tmp_path / "vocab.json", [b"th", b"the", b" t", b" the"])
+    tok = build_tokenizer("TikTokenizer", tokenizer_model=vocab, vocab_size=10 + 260, tiktoken_pattern="v2",
+                          tiktoken_num_special_tokens=10)
+    assert tok.vocab_size == 270 and (tok.bos, tok.eod) == (1, 2)
+    ids = tok.tokenize("the the!")
+    assert ids == [10 + 257, 10 + 259, 10 + ord("!")]  # "the", " the", "!"
+    assert tok.detokenize(ids) == "the the!"
+    with pytest.raises(ValueError, match=r"260 BPE ranks \+ 10 special tokens != --vocab-size 300"):
+        build_tokenizer("TikTokenizer", tokenizer_model=vocab, vocab_size=300, tiktoken_num_special_tokens=10)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"rank": 0, "token_bytes": "AQ==", "token_str": "x"}]')
+    with pytest.raises(ValueError, match="entry 0 must be the single byte 0"):
+        build_tokenizer("TikTokenizer", tokenizer_model=str(bad), vocab_size=11, tiktoken_num_special_tokens=10)
+
+
+def test_tiktokenizer_preprocess_and_pretrain(tmp_path):
+    """Megatron's --tokenizer-type TikTokenizer --tiktoken-pattern v2 through preprocessing and training."""
+    pytest.importorskip("tiktoken")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    vocab = _tiktoken_vocab(tmp_path / "vocab.json", [b"th", b"the", b" t", b" the"])
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the cat {i} sat on the mat. " * 20}) + "\n" for i in range(40)))
+    tiktoken_flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", vocab, "--tiktoken-pattern", "v2",
+                      "--tiktoken-num-special-tokens", "10", "--vocab-size", "270"]
+    subprocess.run([sys.executable, str(root / "tools" / "preprocess_data.py"), "--input", str(corpus),
+                    "--output-prefix", str(tmp_path / "tt"), "--append-eod", *tiktoken_flags],
+                   check=True, capture_output=True, cwd=root)
+    data = IndexedDataset(str(tmp_path / "tt_text_document"))
+    assert int(data.get(0)[-1]) == 2 and int(data.get(0).max()) < 270  # </s> ends each document
+    config = config_from_args(parse_args(
+        [*tiktoken_flags, "--data-path", str(tmp_path / "tt_text_document"), "--num-layers", "1",
+         "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16", "--max-position-embeddings",
+         "16", "--micro-batch-size", "2", "--train-iters", "2", "--eval-iters", "0", "--split", "1,0,0"]))
+    assert config.model.vocab_size == 270
+    assert trainer_lib.pretrain(config).state.iteration == 2

@@ -399,7 +399,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids before the eod id")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="NullTokenizer: ids before the eod id; TikTokenizer: the total (default 131072)")
+    group.add_argument("--tiktoken-pattern", default=None, help="TikTokenizer split pattern: v1 or v2 (default)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids reserved for special tokens (default: %(default)s)")
+    group.add_argument("--tiktoken-special-tokens", nargs="+", default=None,
+                       help="TikTokenizer special tokens (default <unk> <s> </s>)")
     group.add_argument(
         "--append-eod", action="store_true", help="append the end-of-document id to each document"
     )
@@ -440,6 +446,9 @@ def run(args: argparse.Namespace) -> Stats:
         "vocab_file": args.vocab_file,
         "merge_file": args.merge_file,
         "vocab_size": args.vocab_size,
+        "tiktoken_pattern": args.tiktoken_pattern,
+        "tiktoken_num_special_tokens": args.tiktoken_num_special_tokens,
+        "tiktoken_special_tokens": args.tiktoken_special_tokens,
     }
     tokenizer = build_tokenizer(**tokenizer_kwargs)  # fails here, once, on a bad flag or file
     if args.append_eod and tokenizer.eod is None:

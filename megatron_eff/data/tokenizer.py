@@ -5,6 +5,11 @@
   ``eos_token`` of ``tokenizer_config.json`` beside it, else the first of ``</s>``, ``<|endoftext|>``, ...
 - ``GPT2BPETokenizer``: ``--vocab-file vocab.json --merge-file merges.txt``; eod is ``<|endoftext|>``.
 - ``NullTokenizer``: ``--vocab-size N``; text is space-separated ids below N.
+- ``TikTokenizer`` (Megatron-LM's): ``--tokenizer-model vocab.json`` (a list of ``{"rank", "token_bytes"
+  (base64), "token_str"}``), ``--tiktoken-pattern v1|v2``, ``--tiktoken-num-special-tokens`` (default 1000) and
+  ``--tiktoken-special-tokens`` (default ``<unk> <s> </s>``), ``--vocab-size`` the total (default 2^17): ids
+  below the special-token count are the special tokens (filled up with ``<SPECIAL_i>``), the byte-level BPE
+  ranks follow them; eod is ``</s>``. Needs the ``tiktoken`` package.
 
 ``NullTokenizer`` follows Megatron: ``--vocab-size N`` counts the ids *before* the end-of-document token,
 so ids 0..N-1 are text, ``eod == N`` and ``vocab_size == N + 1``.
@@ -226,7 +231,99 @@ class NullTokenizer(Tokenizer):
         return self._num_text_ids
 
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+# Megatron-LM's TikTokenizer split patterns (--tiktoken-pattern v1 / v2)
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+          r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|"
+          r"\s+(?!\S)|\s+",
+}
+TIKTOKEN_REQUIRED_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def read_tiktoken_ranks(path: str, max_vocab: int) -> dict[bytes, int]:
+    """The byte-level BPE ranks of a Megatron TikTokenizer vocabulary file (its first `max_vocab` entries);
+    ValueError naming the file and entry for anything else."""
+    import base64
+
+    where = f"--tokenizer-model {path}"
+    if not path.endswith(".json"):
+        raise ValueError(f"{where}: a TikTokenizer vocabulary is a .json file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: not JSON ({err})") from None
+    if not isinstance(vocab, list):
+        raise ValueError(f"{where}: expected a list of {{rank, token_bytes, token_str}} entries")
+    ranks: dict[bytes, int] = {}
+    for i, entry in enumerate(vocab[:max_vocab]):
+        if not isinstance(entry, dict) or entry.keys() != {"rank", "token_bytes", "token_str"} or entry["rank"] != i:
+            raise ValueError(f"{where}: entry {i} is not {{\"rank\": {i}, \"token_bytes\", \"token_str\"}}")
+        token = base64.b64decode(entry["token_bytes"])
+        if i < 256 and token != bytes([i]):
+            raise ValueError(f"{where}: entry {i} must be the single byte {i} (the first 256 ranks are bytes)")
+        if token in ranks:
+            raise ValueError(f"{where}: entry {i} repeats the bytes of entry {ranks[token]}")
+        ranks[token] = i
+    return ranks
+
+
+class TikTokenizer(Tokenizer):
+    """Megatron-LM's CustomTikTokenizer (see the module docstring for the id layout)."""
+
+    def __init__(self, path: str, pattern: str = "v2", vocab_size: int | None = None,
+                 num_special_tokens: int = 1000, special_tokens: list[str] | None = None):
+        import tiktoken
+
+        if pattern not in TIKTOKEN_PATTERNS:
+            raise ValueError(f"--tiktoken-pattern {pattern!r}: use one of {', '.join(TIKTOKEN_PATTERNS)}")
+        self._vocab_size = vocab_size or 2**17
+        specials = list(special_tokens or TIKTOKEN_REQUIRED_SPECIALS)
+        if len(set(specials)) != len(specials) or not set(TIKTOKEN_REQUIRED_SPECIALS) <= set(specials):
+            raise ValueError(f"--tiktoken-special-tokens {' '.join(specials)}: must be unique and include "
+                             f"{' '.join(TIKTOKEN_REQUIRED_SPECIALS)}")
+        if not len(specials) <= num_special_tokens < self._vocab_size:
+            raise ValueError(f"--tiktoken-num-special-tokens {num_special_tokens} must be at least the "
+                             f"{len(specials)} special tokens and below --vocab-size {self._vocab_size}")
+        specials += [f"<SPECIAL_{i}>" for i in range(len(specials), num_special_tokens)]
+        ranks = read_tiktoken_ranks(path, self._vocab_size - num_special_tokens)
+        if len(ranks) + num_special_tokens != self._vocab_size:
+            raise ValueError(f"--tokenizer-model {path}: {len(ranks)} BPE ranks + {num_special_tokens} special "
+                             f"tokens != --vocab-size {self._vocab_size}")
+        self._specials = {token: i for i, token in enumerate(specials)}
+        self._model = tiktoken.Encoding(
+            name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tiktoken",
+            pat_str=TIKTOKEN_PATTERNS[pattern],
+            mergeable_ranks={token: i + num_special_tokens for token, i in ranks.items()},
+            special_tokens=self._specials,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.encode_ordinary(text)  # special-token text is encoded as ordinary bytes (Megatron)
+
+    def detokenize(self, ids) -> str:
+        return self._model.decode([int(i) for i in ids])
+
+    @property
+    def eod(self) -> int:
+        return self._specials["</s>"]
+
+    @property
+    def bos(self) -> int:
+        return self._specials["<s>"]
+
+    @property
+    def pad(self) -> int | None:
+        return self._specials.get("<pad>")
+
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
+                   "TikTokenizer")
 
 
 def build_tokenizer(
@@ -235,6 +332,9 @@ def build_tokenizer(
     vocab_file: str | None = None,
     merge_file: str | None = None,
     vocab_size: int | None = None,
+    tiktoken_pattern: str | None = None,
+    tiktoken_num_special_tokens: int = 1000,
+    tiktoken_special_tokens: list[str] | None = None,
 ) -> Tokenizer:
     """Build the tokenizer named by ``--tokenizer-type`` from the files its flags name. A missing file is a
     FileNotFoundError, a file the tokenizer library cannot read a ValueError, both naming the flag and file."""
@@ -251,6 +351,10 @@ def build_tokenizer(
         vocab = _require_file(vocab_file, "--vocab-file", tokenizer_type)
         merges = _require_file(merge_file, "--merge-file", tokenizer_type)
         return _load(f"--vocab-file {vocab} / --merge-file {merges}", tokenizer_type, GPT2BPETokenizer, vocab, merges)
+    if tokenizer_type == "TikTokenizer":
+        path = _require_file(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        return _load(f"--tokenizer-model {path}", tokenizer_type, TikTokenizer, path, tiktoken_pattern or "v2",
+                     vocab_size, tiktoken_num_special_tokens, tiktoken_special_tokens)
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise ValueError(f"--vocab-size is required for --tokenizer-type {tokenizer_type}")
@@ -277,6 +381,10 @@ def checkpoint_tokenizer(flags: dict, run_data: dict, model_vocab_size: int) -> 
     covers the model's vocabulary of V ids (before padding): eod = V - 1, as training's ``--vocab-size V - 1``."""
     data = {} if flags.get("tokenizer_type") else run_data
     pick = lambda name: flags.get(name) or data.get(name)  # noqa: E731
-    return build_tokenizer(pick("tokenizer_type") or "NullTokenizer", tokenizer_model=pick("tokenizer_model"),
-                           vocab_file=pick("vocab_file"), merge_file=pick("merge_file"),
-                           vocab_size=model_vocab_size - 1)
+    kind = pick("tokenizer_type") or "NullTokenizer"
+    tiktoken = {name: pick(name) for name in ("tiktoken_pattern", "tiktoken_special_tokens")}
+    tiktoken["tiktoken_num_special_tokens"] = pick("tiktoken_num_special_tokens") or 1000
+    return build_tokenizer(kind, tokenizer_model=pick("tokenizer_model"), vocab_file=pick("vocab_file"),
+                           merge_file=pick("merge_file"),
+                           vocab_size=model_vocab_size if kind == "TikTokenizer" else model_vocab_size - 1,
+                           **tiktoken)

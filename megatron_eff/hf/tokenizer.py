@@ -279,6 +279,9 @@ def export_tokenizer(args: dict, out_dir: str, model_max_length: int, model_voca
     kind = args.get("tokenizer_type") or "NullTokenizer"
     if kind == "NullTokenizer":
         return {"bos": None, "eos": None, "pad": None}  # ids are the text: no tokenizer files
+    if kind == "TikTokenizer":
+        raise ValueError("--tokenizer-type TikTokenizer: exporting it as a Hugging Face tokenizer is not "
+                         "implemented; pass --tokenizer-type NullTokenizer to export the weights alone")
     for flag in ("tokenizer_model", "vocab_file", "merge_file"):
         path = args.get(flag)
         if path and not os.path.exists(path):

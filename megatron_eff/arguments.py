@@ -81,6 +81,9 @@ def _parallel_group(parser: argparse.ArgumentParser) -> None:
                    help="with --use-distributed-optimizer: overlap the parameter all-gather with the next forward")
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000,
                    help="elements per data-parallel gradient bucket (default 40M, as Megatron-LM)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective that waits this long for another rank (stopped, stuck) fails the run with a "
+                        "message naming it, instead of hanging for torch's 30 minutes")
 
 
 def _training_group(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +151,9 @@ def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
                    help="on resume, use these flags' LR schedule even where it differs from the checkpoint's "
                    "(without this, a difference is used but warned about)")
+    g.add_argument("--override-existing-checkpoints", action="store_true",
+                   help="let --save write into a folder that holds checkpoints this run did not --load from "
+                        "(without this such a run is refused, so they are not overwritten)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -254,6 +260,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             overlap_grad_reduce=args.overlap_grad_reduce,
             overlap_param_gather=args.overlap_param_gather,
             ddp_bucket_size=args.ddp_bucket_size,
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
         ),
         optim=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
@@ -281,6 +288,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
             use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=args.override_opt_param_scheduler,
+            override_existing_checkpoints=args.override_existing_checkpoints,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
                               profile=args.profile, profile_step_start=args.profile_step_start,

@@ -25,17 +25,14 @@ from megatron_eff.config import Config, ModelConfig
 ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "head_dim", "vocab_size", "position_embedding_type", "normalization", "swiglu", "add_bias_linear",
                 "untie_embeddings_and_output_weights", "rotary_percent", "norm_epsilon")
-_FLAG = {"head_dim": "--kv-channels", "add_bias_linear": "--disable-bias-linear"}
+_FLAG = {"head_dim": "--kv-channels", "add_bias_linear": "--disable-bias-linear",
+         "vocab_size": "vocabulary size (the tokenizer's or --vocab-size)"}
 _CHECKPOINT = re.compile(r"iter_(\d{7})(\.old)?")
 
 
 def check_run_files(config: Config) -> None:
     """Raise ValueError naming the flag and the file for the first problem found; see the module docstring."""
     ckpt = config.checkpoint
-    if ckpt.save:
-        check_save_dir(ckpt.save)
-        if not ckpt.override_existing_checkpoints:
-            check_not_overwriting(ckpt.save, ckpt.load, ckpt.finetune)
     if ckpt.load:
         check_resume_config(config)
     if not config.data.mock_data:
@@ -43,6 +40,10 @@ def check_run_files(config: Config) -> None:
 
         parse_split(config.data.split)
         check_token_ids(config.data.data_path, config.model.vocab_size)
+    if ckpt.save:  # last: the probe creates the folder, which a run refused for another reason should not leave
+        if not ckpt.override_existing_checkpoints:
+            check_not_overwriting(ckpt.save, ckpt.load, ckpt.finetune)
+        check_save_dir(ckpt.save)
 
 
 def check_save_dir(save: str) -> None:

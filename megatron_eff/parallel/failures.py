@@ -44,6 +44,8 @@ def failed_call(error: BaseException) -> str:
             caller = f"{os.path.relpath(frame.filename, os.path.dirname(root))}:{frame.lineno} ({frame.name})"
     if frames and frames[-1].name in _COLLECTIVES:  # a collective called directly: the innermost frame
         collective = frames[-1].name
+    if collective is None and frames and frames[-1].line:  # an async collective's `work.wait()`, in C++
+        collective = f"a collective (`{frames[-1].line.strip()}`)"
     return f"{collective or 'a collective'}" + (f" in {caller}" if caller else "")
 
 

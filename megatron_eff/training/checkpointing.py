@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's per-rank failures
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -230,7 +231,7 @@ def save_checkpoint(
                        f"{describe_names(bad)}; the last good checkpoint is {last or 'none'}")
     try:
         _write_checkpoint(tmp, state, train_state, optimizer, run_config, layout, methods, rank_state, data_state)
-    except Exception as error:
+    except (Exception, CheckpointException) as error:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial copy filling the disk
         if is_disk_full(error):
             raise RunError(f"saving checkpoint {final} failed: no space left on {root}; the previous checkpoint "
@@ -423,7 +424,7 @@ def _reading(path: str):
         yield
     except RunError:
         raise
-    except Exception as error:
+    except (Exception, CheckpointException) as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise RunError(f"checkpoint {path} is damaged or unreadable: {type(error).__name__} {reason}".strip()
                        + ". Load an earlier checkpoint (--load DIR/iter_N)") from error

@@ -128,8 +128,9 @@ def check_resume_config(config: Config) -> None:
     saved = meta.get("config") or {}
     if "model" not in saved:
         return
-    differences = architecture_differences(saved["model"], config.model, saved.get("data") or {},
-                                           config.data.tokenizer_type)
+    # --mock-data draws random ids: no tokenizer is involved, only the vocabulary size matters
+    saved_data = {} if config.data.mock_data else saved.get("data") or {}
+    differences = architecture_differences(saved["model"], config.model, saved_data, config.data.tokenizer_type)
     if differences:
         raise ValueError(f"--load {path}: the checkpoint was trained with another model or tokenizer: "
                          f"{'; '.join(differences)}. Use the checkpoint's flags (its meta.json 'config' lists "

@@ -311,3 +311,17 @@ def test_checksums_cover_every_file_and_name_the_damaged_one(tmp_path):
     (Path(path) / "rng" / "rank_00000.pt").unlink()
     with pytest.raises(RunError, match="rank_00000.pt is missing"):
         load_checkpoint(str(tmp_path), params, None)
+
+
+def test_tools_name_a_damaged_checkpoint(tmp_path, capsys):
+    """generate.py reads checkpoints through the same checks: a flipped bit is one line naming the shard."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_generate_faults", ROOT / "tools" / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    root = tmp_path / "run"
+    shard = _damage(trained(root), "bitflip")
+    assert generate.main(["--load", str(root), "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("generate.py: error: ") and shard in err and len(err.strip().splitlines()) == 1

@@ -3,14 +3,17 @@
 Layout of `--save DIR`:
 
     DIR/iter_0000020/            one checkpoint (DCP shards + .metadata)
-        meta.json                iteration, consumed samples, parallel layout, the run's config
+        meta.json                iteration, consumed samples, parallel layout, the run's config, and the
+                                 SHA-256 of every other file (verified on load: checkpoint_integrity.py)
         rng/rank_00000.pt        python / numpy / torch (/ cuda) RNG states of each rank
     DIR/latest_checkpointed_iteration.txt   tracker, written last
 
 A checkpoint is written into `iter_N.tmp` and renamed only when every rank has finished, and the tracker
 is replaced after the rename, so a crash mid-save never leaves a checkpoint that looks complete. Re-saving
 an existing iteration moves the old copy to `iter_N.old` before the rename and deletes it after; a crash in
-between leaves `iter_N.old`, which loading then uses.
+between leaves `iter_N.old`, which loading then uses. A save that fails (a full disk) removes its `iter_N.tmp`
+and raises a `RunError` saying so; a save of NaN/inf tensors is refused before anything is written, and a
+load checks the tensors it read.
 
 Resharding: tensors are keyed by *global* names (`model.<name>`, `optimizer.<name>.exp_avg`, ...) and
 carry their *global* shape. A TP-sharded parameter (and its AdamW moments) is saved as a DTensor over the

@@ -155,11 +155,13 @@ def test_max_bad_steps_is_one_line_naming_the_last_checkpoint(tmp_path, capsys, 
 
 # 7. a full disk while saving
 
-@pytest.mark.parametrize("failure", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 2880 vs 2774"),
+@pytest.mark.parametrize("writer, failure", [
+    ("torch.distributed.checkpoint.filesystem._write_item", OSError(errno.ENOSPC, "No space left on device")),
+    ("torch.distributed.checkpoint.filesystem._write_item",
+     RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 2880 vs 2774")),
+    ("megatron_eff.training.checkpointing.torch.save", OSError(errno.ENOSPC, "No space left on device")),  # RNG
 ])
-def test_full_disk_on_save_says_so_and_leaves_no_partial_copy(tmp_path, monkeypatch, failure):
+def test_full_disk_on_save_says_so_and_leaves_no_partial_copy(tmp_path, monkeypatch, writer, failure):
     params = _params()
     save_checkpoint(str(tmp_path), TrainState(iteration=1), params, None, {}, {})
     before = files_of(tmp_path / "iter_0000001")
@@ -167,7 +169,7 @@ def test_full_disk_on_save_says_so_and_leaves_no_partial_copy(tmp_path, monkeypa
     def full(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("torch.distributed.checkpoint.filesystem._write_item", full)
+    monkeypatch.setattr(writer, full)
     with pytest.raises(RunError, match=f"no space left on {tmp_path}; the previous checkpoint .*iter_0000001"):
         save_checkpoint(str(tmp_path), TrainState(iteration=2), params, None, {}, {})
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", TRACKER]  # no iter_0000002.tmp left

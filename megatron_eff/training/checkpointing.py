@@ -52,6 +52,7 @@ from megatron_eff.parallel.state import ParallelState
 from megatron_eff.training.checkpoint_integrity import (
     compute_checksums,
     describe_names,
+    gather_lists,
     is_disk_full,
     non_finite_names,
     verify_checksums,
@@ -258,10 +259,15 @@ def _write_checkpoint(tmp, state, train_state, optimizer, run_config, layout, me
     _barrier()
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-    if rank_state is not None:  # e.g. Transformer Engine's FP8 state of this rank's modules
-        torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
-    _barrier()
+    try:  # agreed below: a rank whose disk is full must not leave the others waiting in a collective
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+        if rank_state is not None:  # e.g. Transformer Engine's FP8 state of this rank's modules
+            torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
+        failures = gather_lists([])
+    except Exception as error:
+        failures = gather_lists([f"rank {_rank()}: {type(error).__name__}: {error}"])
+    if failures:
+        raise RuntimeError("; ".join(failures))
     checksums = compute_checksums(tmp)
     if _rank() == 0:
         meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,

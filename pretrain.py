@@ -10,8 +10,11 @@
 import sys
 
 from megatron_eff.arguments import config_from_args, parse_args
+from megatron_eff.errors import RunError
 from megatron_eff.launch import check_launch
+from megatron_eff.parallel.failures import describe_collective_failure, is_collective_failure
 from megatron_eff.parallel.state import shutdown_distributed
+from megatron_eff.run_files import check_run_files
 from megatron_eff.training.trainer import pretrain
 
 
@@ -28,18 +31,33 @@ def tokenizer_vocab_size(args) -> int | None:
                            tiktoken_special_tokens=args.tiktoken_special_tokens).vocab_size
 
 
+def error(message) -> int:
+    """The one line a user error gets (no traceback); exit status 2, as argparse's."""
+    print(f"pretrain.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # every config error surfaces here, before any process-group work (under torchrun: on every rank)
         config = config_from_args(args, tokenizer_vocab_size(args))
         check_launch(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pretrain.py: error: {error}", file=sys.stderr)
-        return 2
+        check_run_files(config)  # --save writable and not overwriting, --load compatible, token ids in range
+    except (ValueError, FileNotFoundError, RunError) as failure:
+        return error(failure)
+    clean = False
     try:
         pretrain(config)
+        clean = True
+    except RunError as failure:  # a damaged checkpoint, --max-bad-steps, a full disk, ...
+        return error(failure)
+    except RuntimeError as failure:
+        if not is_collective_failure(failure):
+            raise
+        print(f"pretrain.py: error: {describe_collective_failure(failure)}", file=sys.stderr)
+        return 1
     finally:
-        shutdown_distributed()
+        shutdown_distributed(clean=clean)  # after a failure without the final barrier: a rank may be gone
     return 0
 
 

@@ -91,6 +91,9 @@ def _parallel_group(parser: argparse.ArgumentParser) -> None:
                    help="elements per data-parallel gradient bucket (default 40M, as Megatron-LM)")
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="data-parallel gradient reduction in BF16 (half the bytes); accumulation stays FP32")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective that waits this long for another rank (stopped, stuck) fails the run with a "
+                        "message naming it, instead of hanging for torch's 30 minutes")
 
 
 def _training_group(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +168,9 @@ def _checkpoint_logging_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
                    help="on resume, use these flags' LR schedule even where it differs from the checkpoint's "
                    "(without this, a difference is used but warned about)")
+    g.add_argument("--override-existing-checkpoints", action="store_true",
+                   help="let --save write into a folder that holds checkpoints this run did not --load from "
+                        "(without this such a run is refused, so they are not overwritten)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -273,6 +279,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             overlap_grad_reduce=args.overlap_grad_reduce,
             overlap_param_gather=args.overlap_param_gather,
             ddp_bucket_size=args.ddp_bucket_size, grad_reduce_in_bf16=args.grad_reduce_in_bf16,
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
         ),
         optim=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
@@ -305,6 +312,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
             use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=args.override_opt_param_scheduler,
+            override_existing_checkpoints=args.override_existing_checkpoints,
         ),
         logging=LoggingConfig(tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
                               profile=args.profile, profile_step_start=args.profile_step_start,

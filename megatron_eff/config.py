@@ -84,12 +84,11 @@ class ModelConfig:
             self.position_embedding_type in ("learned_absolute", "rope"),
             f"--position-embedding-type must be learned_absolute or rope, got {self.position_embedding_type!r}",
         )
-        if self.position_embedding_type == "learned_absolute":
-            require(
-                self.seq_length <= self.max_position_embeddings,
-                f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
-                f"{self.max_position_embeddings}",
-            )
+        require(  # learned positions have no row past it; RoPE would rotate beyond what the model is sized for
+            self.seq_length <= self.max_position_embeddings,
+            f"--seq-length {self.seq_length} exceeds --max-position-embeddings {self.max_position_embeddings} "
+            f"(--position-embedding-type {self.position_embedding_type})",
+        )
         if self.position_embedding_type == "rope":
             require(self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
                     f"rope needs an even number of rotated dims, got head dim {self.head_dim} x --rotary-percent "
@@ -182,6 +181,7 @@ class ParallelConfig:
     overlap_param_gather: bool = False  # wait for each bucket's parameter all-gather in the next forward
     ddp_bucket_size: int = 40_000_000  # elements per data-parallel gradient bucket (Megatron's default)
     grad_reduce_in_bf16: bool = False  # data-parallel gradient reduction in BF16 (the buffer stays FP32)
+    distributed_timeout_minutes: float = 10.0  # a collective waiting this long for a rank fails the run
 
     def __post_init__(self) -> None:
         require(
@@ -197,6 +197,8 @@ class ParallelConfig:
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
         )
         require(self.ddp_bucket_size > 0, f"--ddp-bucket-size must be positive, got {self.ddp_bucket_size}")
+        require(self.distributed_timeout_minutes > 0,
+                f"--distributed-timeout-minutes must be positive, got {self.distributed_timeout_minutes}")
         require(
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "--overlap-param-gather needs --use-distributed-optimizer",
@@ -310,6 +312,7 @@ class TrainConfig:
                 "--rampup-batch-size needs sample-based training (--train-samples), as in Megatron-LM")
         require(self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}")
         require(self.train_iters > 0, f"--train-iters must be positive, got {self.train_iters}")
+        require(self.max_bad_steps > 0, f"--max-bad-steps must be positive, got {self.max_bad_steps}")
         require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
         require(self.log_interval > 0, f"--log-interval must be positive, got {self.log_interval}")
         require(self.eval_interval > 0, f"--eval-interval must be positive, got {self.eval_interval}")
@@ -370,6 +373,7 @@ class CheckpointConfig:
     no_load_rng: bool = False
     use_checkpoint_opt_param_scheduler: bool = False  # resume: the LR schedule of the checkpoint's run
     override_opt_param_scheduler: bool = False  # resume: the LR schedule of these flags, without a warning
+    override_existing_checkpoints: bool = False  # --save DIR may hold checkpoints this run did not load from
 
     def __post_init__(self) -> None:
         if self.save_interval is not None:

@@ -35,7 +35,7 @@ LLAMA3_8B = """
 --mock-data --tokenizer-type NullTokenizer --vocab-size 128256 --tiktoken-pattern v2 --split 99,1,0
 --no-create-attention-mask-in-dataloader --no-mmap-bin-files --num-workers 1
 --log-interval 1 --eval-iters 32 --eval-interval 100 --save-interval 1000 --log-throughput --profile
---profile-step-start 4 --profile-step-end 6 --ckpt-format torch_dist
+--profile-step-start 4 --profile-step-end 6 --ckpt-format torch_dist --distributed-timeout-minutes 60
 """.split()
 # Tiny shapes and sample counts: 2 layers, hidden 64, 4 heads of kv-channels 32 (not 64 / 4 = 16), 2 groups;
 # 24 samples of global batch 4 = 6 iterations, warm-up 8 samples = 2 iterations. FP32 on CPU (no --bf16).
@@ -155,7 +155,8 @@ def test_every_compat_flag_is_accounted_for():
     parser_flags = {a for action in build_parser()._actions for a in action.option_strings}
     for flag in [*megatron_compat.NO_EFFECT, *megatron_compat.NOT_SUPPORTED, "--apply-layernorm-1p",
                  "--grad-reduce-in-bf16", "--no-mmap-bin-files", "--decoupled-lr", "--kv-channels",
-                 "--rotary-percent", "--calculate-per-token-loss", "--profile", "--manual-gc"]:
+                 "--rotary-percent", "--calculate-per-token-loss", "--profile", "--manual-gc",
+                 "--distributed-timeout-minutes"]:
         assert flag in parser_flags, flag
 
 

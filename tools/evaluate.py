@@ -37,6 +37,7 @@ from megatron_eff.config import (  # noqa: E402
     ParallelConfig,
     TrainConfig,
 )
+from megatron_eff.errors import RunError  # noqa: E402
 from megatron_eff.launch import check_launch  # noqa: E402
 from megatron_eff.precision import inference_precision  # noqa: E402
 
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         dp_size = check_launch(config)
         windows = build_windows(args, meta, config)
         count_batches(windows, config, dp_size, args.eval_iters)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, KeyError, RunError) as error:  # RunError: a damaged meta.json
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
     init_distributed()
@@ -152,7 +153,13 @@ def main(argv=None) -> int:
     device = device_for_run()
     model = build_model(config, pstate, device)
     named_params = {name: p for chunk in model for name, p in chunk.named_parameters()}
-    load_checkpoint(args.load, named_params, None, finetune=True, pstate=pstate)
+    try:
+        load_checkpoint(args.load, named_params, None, finetune=True, pstate=pstate)
+    except RunError as error:  # damaged or non-finite: every rank fails the same check
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     result = evaluate_windows(model, windows, config, pstate, autocast_context(config, device), args.eval_iters)
     if pstate.rank == 0:
         print(f"evaluate: loss {result.loss:.6f} | ppl {result.perplexity:.4f} | {result.tokens} tokens in "

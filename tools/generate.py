@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_eff.config import ModelConfig  # noqa: E402
 from megatron_eff.data.tokenizer import checkpoint_tokenizer  # noqa: E402
+from megatron_eff.errors import RunError  # noqa: E402
 from megatron_eff.generation import generate  # noqa: E402
 from megatron_eff.model.gpt_model import GPTModel  # noqa: E402
 from megatron_eff.parallel.state import use_cuda  # noqa: E402
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         run_data = read_meta(args.load)[1]["config"].get("data", {})
         tokenizer = checkpoint_tokenizer(vars(args), run_data, model.config.vocab_size)
         prompt = prompt_ids(tokenizer, args.prompt, model.config.vocab_size)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RunError) as error:  # RunError: a damaged checkpoint
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
     new = generate(model, prompt, args.max_new_tokens, tokenizer.vocab_size, temperature=args.temperature,

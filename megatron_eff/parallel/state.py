@@ -11,6 +11,7 @@ used by single-process runs and tests; it needs no `torch.distributed` initialis
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -94,24 +95,39 @@ def use_cuda() -> bool:
     return choice != "cpu" and torch.cuda.is_available()
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Initialise the default process group from torchrun's environment, if launched by torchrun."""
+DEFAULT_TIMEOUT_MINUTES = 10.0  # --distributed-timeout-minutes: a rank silent this long fails the others
+_timeout = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)  # the default group's, for the groups made later
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for another rank before it raises (`init_distributed`'s timeout)."""
+    return _timeout
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """Initialise the default process group from torchrun's environment, if launched by torchrun. A collective
+    that waits longer than `timeout_minutes` for another rank (stopped, deadlocked) raises instead of hanging
+    for torch's default 30 minutes; every group created later inherits the timeout."""
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
         return
     if backend is None:
         backend = "nccl" if use_cuda() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    global _timeout
+    _timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend=backend, timeout=_timeout)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
     """Destroy every process group (a no-op without one). Called at the end of a run, while the interpreter is
     fully alive: gloo's worker threads are joined here instead of during interpreter teardown, where a thread
     still releasing a finished collective's tensors could abort the process ("terminate called without an
-    active exception")."""
+    active exception"). After a failure (`clean=False`) the final barrier is skipped: another rank may be
+    dead or stuck, and waiting for it would only add a timeout."""
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -147,7 +163,7 @@ def initialize_parallel_state(tp: int = 1, pp: int = 1, num_layers_per_vpp_chunk
     for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"),
                        ("mp", "model_parallel_group"), ("embedding", "embedding_group")):
         for ranks in groups[kind]:
-            group = dist.new_group(ranks)  # collective: every rank creates every group
+            group = dist.new_group(ranks, timeout=_timeout)  # collective: every rank creates every group
             if rank in ranks:
                 setattr(state, attr, group)
                 if kind == "pp":

@@ -100,11 +100,14 @@ class PrecisionRuntime:
         Ranks are tp fastest, then dp, then pp, so stage p holds ranks [p tp dp, (p + 1) tp dp)."""
         import torch.distributed as dist
 
+        from megatron_eff.parallel.state import collective_timeout
+
         if not dist.is_initialized():
             return None
         per_stage, mine = self.pstate.tp_size * self.pstate.dp_size, None
         for stage in range(self.pstate.pp_size):  # collective: every rank creates every stage's group
-            group = dist.new_group(list(range(stage * per_stage, (stage + 1) * per_stage)))
+            ranks = list(range(stage * per_stage, (stage + 1) * per_stage))
+            group = dist.new_group(ranks, timeout=collective_timeout())
             if stage == self.pstate.pp_rank:
                 mine = group
         return mine

@@ -3,14 +3,17 @@
 Layout of `--save DIR`:
 
     DIR/iter_0000020/            one checkpoint (DCP shards + .metadata)
-        meta.json                iteration, consumed samples, parallel layout, the run's config
+        meta.json                iteration, consumed samples, parallel layout, the run's config, and the
+                                 SHA-256 of every other file (verified on load: checkpoint_integrity.py)
         rng/rank_00000.pt        python / numpy / torch (/ cuda) RNG states of each rank
     DIR/latest_checkpointed_iteration.txt   tracker, written last
 
 A checkpoint is written into `iter_N.tmp` and renamed only when every rank has finished, and the tracker
 is replaced after the rename, so a crash mid-save never leaves a checkpoint that looks complete. Re-saving
 an existing iteration moves the old copy to `iter_N.old` before the rename and deletes it after; a crash in
-between leaves `iter_N.old`, which loading then uses.
+between leaves `iter_N.old`, which loading then uses. A save that fails (a full disk) removes its `iter_N.tmp`
+and raises a `RunError` saying so; a save of NaN/inf tensors is refused before anything is written, and a
+load checks the tensors it read.
 
 Resharding: tensors are keyed by *global* names (`model.<name>`, `optimizer.<name>.exp_avg`, ...) and
 carry their *global* shape. A TP-sharded parameter (and its AdamW moments) is saved as a DTensor over the
@@ -38,12 +41,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's per-rank failures
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from megatron_eff.errors import RunError
 from megatron_eff.model.te_backend import local_parameter_name
 from megatron_eff.parallel.data_parallel import DistributedOptimizer
 from megatron_eff.parallel.state import ParallelState
+from megatron_eff.training.checkpoint_integrity import (
+    compute_checksums,
+    describe_names,
+    gather_lists,
+    is_disk_full,
+    non_finite_names,
+    verify_checksums,
+)
 
 # Precision state (local FP8 amax histories/scales, the FP16 loss scaler): replicated tensors passed as
 # `extra_state={key: tensor}`; a checkpoint without them (another precision) loads, leaving them as they are.
@@ -53,6 +66,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 ASIDE = ".old"  # suffix of the previous copy of an iteration while it is being re-saved
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 VOCAB_PADDED = (WORD_EMBEDDING, "output_layer.weight")  # rows padded to a multiple of 128 x TP
+
+
+class CheckpointMismatchError(RunError, ValueError):
+    """The checkpoint holds another model than the one built (a tensor missing or of another shape)."""
 
 
 @dataclass
@@ -204,11 +221,6 @@ def save_checkpoint(
     small state (meta.json `method_state`)."""
     final = checkpoint_dir(root, train_state.iteration)
     tmp = final + ".tmp"
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
-    _barrier()
     mesh = _tp_mesh(pstate)
     state = {}
     for key, tensor, param in _entries(named_params, optimizer):
@@ -216,23 +228,53 @@ def save_checkpoint(
     for key, tensor, param in methods.checkpoint_tensors() if methods else []:
         state.setdefault(f"method.{key}", _global_view(tensor, param, mesh))
     state.update(extra_state or {})
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-    if rank_state is not None:  # e.g. Transformer Engine's FP8 state of this rank's modules
-        torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
-    if _rank() == 0:
-        meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,
-                "has_optimizer": optimizer is not None, "method_state": methods.state_dict() if methods else None,
-                "data_state": data_state}
-        _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
-    _barrier()
+    bad = non_finite_names(state.items())
+    if bad:  # never replace the last good checkpoint by garbage
+        last = find_checkpoint(root) if os.path.isdir(root) else None
+        raise RunError(f"not saving iteration {train_state.iteration} to {root}: non-finite values in "
+                       f"{describe_names(bad)}; the last good checkpoint is {last or 'none'}")
+    try:
+        _write_checkpoint(tmp, state, train_state, optimizer, run_config, layout, methods, rank_state, data_state)
+    except (Exception, CheckpointException) as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial copy filling the disk
+        if is_disk_full(error):
+            raise RunError(f"saving checkpoint {final} failed: no space left on {root}; the previous checkpoint "
+                           f"({find_checkpoint(root) or 'none'}) is intact. Free space and resume with --load "
+                           f"{root}") from error
+        raise RunError(f"saving checkpoint {final} failed: {type(error).__name__}: {error}") from error
     if _rank() == 0:
         _swap_in(tmp, final)
         _write_atomic(os.path.join(root, TRACKER), str(train_state.iteration))
         shutil.rmtree(final + ASIDE, ignore_errors=True)
     _barrier()
     return final
+
+
+def _write_checkpoint(tmp, state, train_state, optimizer, run_config, layout, methods, rank_state, data_state):
+    """Every rank's shards and RNG file into `tmp`, then meta.json with the checksums of all of them."""
+    if _rank() == 0:
+        os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp, no_dist=_no_dist())
+    try:  # agreed below: a rank whose disk is full must not leave the others waiting in a collective
+        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+        if rank_state is not None:  # e.g. Transformer Engine's FP8 state of this rank's modules
+            torch.save(rank_state, os.path.join(tmp, "rng", f"rank_state_{_rank():05d}.pt"))
+        failures = gather_lists([])
+    except Exception as error:
+        failures = gather_lists([f"rank {_rank()}: {type(error).__name__}: {error}"])
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    checksums = compute_checksums(tmp)
+    if _rank() == 0:
+        meta = {"train_state": vars(train_state), "layout": layout, "config": run_config,
+                "has_optimizer": optimizer is not None, "method_state": methods.state_dict() if methods else None,
+                "data_state": data_state, "checksums": checksums}
+        _write_atomic(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
+    _barrier()
 
 
 def _swap_in(tmp: str, final: str) -> None:
@@ -281,7 +323,7 @@ def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
         if key not in saved and key.startswith(OPTIONAL_PREFIXES):
             continue
         if key not in saved:
-            raise ValueError(f"checkpoint {path} has no tensor {key!r} that the model needs")
+            raise CheckpointMismatchError(f"checkpoint {path} has no tensor {key!r} that the model needs")
         saved_shape, wanted = tuple(saved[key].size), _global_shape(tensor, param)
         if key in state:  # a second local copy of the same global tensor
             copies.append((key, tensor, None))
@@ -291,7 +333,7 @@ def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
             state[key] = torch.empty(saved_shape, dtype=tensor.dtype, device=tensor.device)
             copies.append((key, tensor, param))
         else:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint {path}: tensor {key!r} has shape {saved_shape}, the model expects {wanted}"
             )
     return state, copies
@@ -328,6 +370,7 @@ def load_checkpoint(
     """Load weights (and optimizer, RNG, position unless told not to) in place, whatever the layout the
     checkpoint was written with; returns the train state. Collective: every rank calls it."""
     path, meta = read_meta(root)
+    verify_checksums(path, meta.get("checksums"))
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not meta.get("has_optimizer", True):
         raise ValueError(f"--load {path}: checkpoint holds no optimizer state (use --no-load-optim)")
@@ -337,10 +380,15 @@ def load_checkpoint(
         entries += [(f"method.{key}", tensor, param) for key, tensor, param in methods.checkpoint_tensors()]
     if not finetune:  # precision state (FP8 amax histories, loss scale), loaded in place when present
         entries += [(key, tensor, tensor) for key, tensor in (extra_state or {}).items()]
-    state, copies = _load_plan(path, entries, _tp_mesh(pstate))
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    with _reading(path):
+        state, copies = _load_plan(path, entries, _tp_mesh(pstate))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     _apply_copies(state, copies, pstate)
+    bad = non_finite_names((key, tensor) for key, tensor, _ in entries)
+    if bad:
+        raise RunError(f"checkpoint {path} holds non-finite values (NaN/inf) in {describe_names(bad)}; load an "
+                       "earlier checkpoint (--load DIR/iter_N)")
     if method_state:
         methods.load_state_dict(method_state)
     if with_optim and isinstance(optimizer, DistributedOptimizer):
@@ -354,10 +402,13 @@ def load_checkpoint(
     same_layout = layout is None or meta.get("layout") == layout
     rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
     if load_rng and same_layout and os.path.exists(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_torch_load(rng_file))
+    elif load_rng and same_layout:
+        warnings.warn(f"checkpoint {path}: no RNG state {rng_file}; resuming with this run's seeds (dropout and "
+                      "other random draws will differ from an uninterrupted run)", stacklevel=2)
     rank_state_file = os.path.join(path, "rng", f"rank_state_{_rank():05d}.pt")
     if rank_state_loader is not None and same_layout and os.path.exists(rank_state_file):
-        rank_state_loader(torch.load(rank_state_file, weights_only=False))
+        rank_state_loader(_torch_load(rank_state_file))
     return TrainState(**meta["train_state"])
 
 
@@ -366,8 +417,33 @@ def read_meta(root: str) -> tuple[str, dict]:
     path = find_checkpoint(root)
     if path is None:
         raise FileNotFoundError(f"--load {root}: no checkpoint there (no {TRACKER} and no meta.json)")
-    with open(os.path.join(path, "meta.json")) as f:
-        return path, json.load(f)
+    meta_file = os.path.join(path, "meta.json")
+    try:
+        with open(meta_file) as f:
+            return path, json.load(f)
+    except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError: a damaged file
+        raise RunError(f"checkpoint {path}: cannot read {meta_file} ({type(error).__name__}: {error})") from None
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Failures of DCP reading a damaged checkpoint (bare EOFError, UnpicklingError, ...) as a RunError naming
+    the checkpoint; our own errors pass unchanged."""
+    try:
+        yield
+    except RunError:
+        raise
+    except (Exception, CheckpointException) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise RunError(f"checkpoint {path} is damaged or unreadable: {type(error).__name__} {reason}".strip()
+                       + ". Load an earlier checkpoint (--load DIR/iter_N)") from error
+
+
+def _torch_load(file: str):
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as error:
+        raise RunError(f"checkpoint file {file} is damaged or unreadable: {type(error).__name__}: {error}") from None
 
 
 def load_model_tensors(root: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -375,12 +451,14 @@ def load_model_tensors(root: str) -> tuple[dict, dict[str, torch.Tensor]]:
     this one process (converters and tools; no process group, no model needed). Vocab-padded tables keep
     the padding they were saved with."""
     path, meta = read_meta(root)
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    state = {
-        key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-        for key, entry in saved.items()
-        if key.startswith("model.") and hasattr(entry, "size")
-    }
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+    verify_checksums(path, meta.get("checksums"))
+    with _reading(path):
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        state = {
+            key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+            for key, entry in saved.items()
+            if key.startswith("model.") and hasattr(entry, "size")
+        }
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
     return meta, {key[len("model."):]: tensor for key, tensor in state.items()}

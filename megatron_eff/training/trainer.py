@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import random
 import signal
 import time
@@ -37,6 +38,7 @@ from megatron_eff.config import Config
 from megatron_eff.data.batch_source import BatchSource
 from megatron_eff.data.samplers import MockGPTDataset, micro_batches
 from megatron_eff.dtypes import upcast
+from megatron_eff.errors import RunError
 from megatron_eff.methods import build_methods
 from megatron_eff.methods.base import MethodList
 from megatron_eff.model.gpt_model import GPTModel
@@ -279,12 +281,16 @@ class _ExitSignal:
         self.received = True
 
 
-def _any_rank(flag: bool) -> bool:
+def _max_over_ranks(value: int) -> int:
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)], device=communication_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], device=communication_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+# Reasons to stop that one rank may see and another not, by precedence: every rank takes the highest any has.
+_RANK_LOCAL_REASONS = (None, "duration", "signal")
 
 
 def _layout(pstate: ParallelState) -> dict:
@@ -297,7 +303,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.start_time = time.time()
-        init_distributed()
+        init_distributed(timeout_minutes=config.parallel.distributed_timeout_minutes)
         parallel = config.parallel
         self.pstate = pstate = initialize_parallel_state(parallel.tensor_model_parallel_size,
                                                          parallel.pipeline_model_parallel_size)
@@ -325,7 +331,10 @@ class Trainer:
         log(f"model: {sum(p.numel() for p in self.named_params.values()):,} parameters on this rank "
             f"({pstate.describe()})", pstate.rank == 0)
         self.state = TrainState()
-        self.train_ds, self.valid_ds, self.valid_domains = build_datasets(config, pstate, config.model.vocab_size)
+        try:  # data errors name the file or flag (--split, a corrupt .idx): the user's to fix, no traceback
+            self.train_ds, self.valid_ds, self.valid_domains = build_datasets(config, pstate, config.model.vocab_size)
+        except (ValueError, OSError) as error:
+            raise RunError(str(error)) from error
         self.batch_source = BatchSource(
             self.train_ds, micro_batch_size=config.train.micro_batch_size,
             num_micro_batches=config.train.num_micro_batches(pstate.dp_size), dp_rank=pstate.dp_rank,
@@ -458,8 +467,14 @@ class Trainer:
         log(f"WARNING: iteration {state.iteration}: non-finite loss {result.loss} or grad norm "
             f"{result.grad_norm}; step skipped ({bad_steps + 1} in a row)", rank0)
         if bad_steps + 1 >= self.config.train.max_bad_steps:
-            raise RuntimeError(f"{bad_steps + 1} consecutive non-finite steps (--max-bad-steps); stopping")
+            raise RunError(f"{bad_steps + 1} consecutive non-finite steps (--max-bad-steps "
+                           f"{self.config.train.max_bad_steps}) at iteration {state.iteration}; stopping without "
+                           f"saving. Last checkpoint: {self._last_good_checkpoint() or 'none'}")
         return bad_steps + 1
+
+    def _last_good_checkpoint(self) -> str | None:
+        save = self.config.checkpoint.save
+        return self.last_checkpoint or (find_checkpoint(save) if save and os.path.isdir(save) else None)
 
     def _validate(self) -> None:
         with self.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
@@ -478,12 +493,15 @@ class Trainer:
         self.methods.on_validation(iteration, losses)
 
     def _exit_reason(self, exit_signal: _ExitSignal) -> str | None:
-        """Why to stop after this iteration (all ranks agree), or None to go on."""
+        """Why to stop after this iteration, or None to go on. Every rank returns the same: a SIGTERM or the
+        clock seen by one rank stops all (a signal wins over the duration limit), so all save and exit together."""
         train = self.config.train
         minutes = (time.time() - self.start_time) / 60
         timed_out = train.exit_duration_in_mins is not None and minutes > train.exit_duration_in_mins
-        if _any_rank(exit_signal.received or timed_out):
-            return "signal" if exit_signal.received else "duration"
+        local = "signal" if exit_signal.received else "duration" if timed_out else None
+        reason = _RANK_LOCAL_REASONS[_max_over_ranks(_RANK_LOCAL_REASONS.index(local))]
+        if reason:
+            return reason
         if train.exit_interval and self.state.iteration % train.exit_interval == 0:
             return "--exit-interval"
         return None

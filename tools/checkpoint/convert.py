@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_eff.errors import RunError  # noqa: E402
 from megatron_eff.hf.convert import export_to_hf, import_from_hf  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
             )
             print(f"wrote {args.save_dir}; continue training with:\n  pretrain.py {' '.join(flags)} "
                   f"--load {args.save_dir} --finetune ...")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RunError) as error:  # RunError: a damaged checkpoint
         print(f"convert.py: error: {error}", file=sys.stderr)
         return 2
     return 0

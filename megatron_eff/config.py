@@ -375,7 +375,7 @@ class LoggingConfig:
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise", "unscaled")
 
 
 @dataclass
@@ -397,8 +397,13 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
     hysteresis: int = 2
     unit_scaling: bool = False
-    unit_scaling_residual_tau_attn: float = 0.01  # v0.1 defaults of the unit-scaling library (README: Precision)
+    # residual branch weights: depth (the current library's depth rule) | fixed (v0.1: the two taus below)
+    unit_scaling_residual: str = "depth"
+    unit_scaling_residual_mult: float = 1.0  # depth rule: contribution of all branches : the embedding's
+    unit_scaling_residual_attn_ratio: float = 1.0  # depth rule: attention : MLP contribution
+    unit_scaling_residual_tau_attn: float = 0.01  # fixed rule: v0.1 defaults of the unit-scaling library
     unit_scaling_residual_tau_mlp: float = 0.5
+    unit_scaling_lr_scaling: bool = True  # per-tensor LR multipliers (param.lr_scale) and LR-independent decay
 
     def __post_init__(self) -> None:
         require(
@@ -432,6 +437,11 @@ class PrecisionConfig:
         for name in ("unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp"):
             tau = getattr(self, name)
             require(0.0 < tau < 1.0, f"--{name.replace('_', '-')} must be in (0, 1), got {tau}")
+        require(self.unit_scaling_residual in ("depth", "fixed"),
+                 f"--unit-scaling-residual must be depth or fixed, got {self.unit_scaling_residual!r}")
+        for name in ("unit_scaling_residual_mult", "unit_scaling_residual_attn_ratio"):
+            value = getattr(self, name)
+            require(value > 0.0, f"--{name.replace('_', '-')} must be positive, got {value}")
 
     @property
     def fp8(self) -> bool:
@@ -448,6 +458,10 @@ class PrecisionConfig:
             self._check_scaled_mm_sizes(model, tensor_parallel_size)
         require(not self.unit_scaling or model.transformer_impl == "local",
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
+        for flag, p in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
+            require(not self.unit_scaling or p == 0.0,
+                     f"--unit-scaling needs {flag} 0 (dropout is not unit-scaled: it changes the scale of what it "
+                     f"keeps by 1/(1-p) in forward and backward), got {p}")
         if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
             block = 32 if self.fp8_recipe == "mxfp8" else 128
             sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}

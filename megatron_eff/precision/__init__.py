@@ -31,10 +31,10 @@ def apply_precision(model: nn.Module, precision, model_config) -> None:
 
         apply_fp8(model, Fp8Recipe.from_config(precision), model_config.num_layers, precision.first_last_layers_bf16)
     if precision.unit_scaling:
-        from megatron_eff.precision.unit_scaling import apply_unit_scaling
+        from megatron_eff.precision.unit_scaling import apply_unit_scaling, residual_rule
 
-        apply_unit_scaling(model, model_config, precision.unit_scaling_residual_tau_attn,
-                           precision.unit_scaling_residual_tau_mlp)
+        apply_unit_scaling(model, model_config, residual_rule(precision, model_config.num_layers),
+                           precision.unit_scaling_lr_scaling)
 
 
 def inference_precision(run_config: dict):
@@ -43,8 +43,10 @@ def inference_precision(run_config: dict):
     numerics (an FP8-trained model is evaluated with full-precision GEMMs). `run_config` is meta.json's."""
     from megatron_eff.config import PrecisionConfig
 
-    saved = run_config.get("precision") or {}
-    names = ("unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp")
+    saved = dict(run_config.get("precision") or {})
+    saved.setdefault("unit_scaling_residual", "fixed")  # checkpoints from before the depth rule used v0.1's
+    names = ("unit_scaling", "unit_scaling_residual", "unit_scaling_residual_mult",
+             "unit_scaling_residual_attn_ratio", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp")
     return PrecisionConfig(**{name: saved[name] for name in names if name in saved})
 
 

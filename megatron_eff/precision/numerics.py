@@ -3,6 +3,8 @@
 - `train_synthetic(flags, steps)`: train a model built from command-line flags on a learnable synthetic
   task (a noisy bigram: the next token is `perm[token]` with probability 1/2, else uniform), through the
   real `train_step` (loss scaling, FP8 updates, unit scaling); returns the per-step losses.
+- `init_statistics(flags)`: one forward/backward at init; the std of every layer's and linear's output and of
+  its gradient, and of every parameter's gradient (Unit Scaling's claim: all ~1).
 - `gradient_underflow(flags)`: one forward/backward at init; the fraction of weight-gradient elements
   that are exactly zero, and below FP16's smallest normal, next to an FP32 backward of the same model.
 """
@@ -77,3 +79,37 @@ def gradient_underflow(flags: list[str]) -> dict[str, float]:
         stats[f"{name}zero"] = (grads == 0).float().mean().item()
         stats[f"{name}subnormal"] = (grads.abs() < torch.finfo(torch.float16).tiny).float().mean().item()
     return stats
+
+
+def init_statistics(flags: list[str], seed: int = 0) -> dict[str, float]:
+    """{"<module> activation" | "<module> gradient" | "<param> weight gradient": std} after one forward and
+    backward (of the mean per-token loss) at init, on random tokens. Modules: the embedding, every
+    transformer layer and every layer linear."""
+    config, _, (model,) = _build(flags)
+    stats = {}
+
+    def track(name):
+        def hook(module, inputs, out):
+            stats[f"{name} activation"] = out.detach().float().std().item()
+            out.register_hook(lambda g: stats.__setitem__(f"{name} gradient", g.float().std().item()))
+        return hook
+
+    for name, module in model.named_modules():
+        if name == "embedding" or name.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")) or (
+                name.startswith("decoder.layers.") and name.count(".") == 2):
+            module.register_forward_hook(track(name))
+    gen = torch.Generator().manual_seed(seed)
+    shape = (config.train.micro_batch_size, config.model.seq_length)
+    tokens, labels = (torch.randint(0, config.model.vocab_size, shape, generator=gen) for _ in range(2))
+    model(tokens=tokens, labels=labels).mean().backward()
+    stats.update({f"{n} weight gradient": p.grad.std().item() for n, p in model.named_parameters()
+                  if p.grad is not None and p.numel() > 1})
+    return stats
+
+
+def layer_gradient_profile(flags: list[str]) -> list[float]:
+    """std of the gradient at each transformer layer's output (the residual stream), layer 0 first."""
+    stats = init_statistics(flags)
+    layers = sorted(int(k.split(" ")[0].split(".")[2]) for k in stats if k.startswith("decoder.layers.") and
+                    k.endswith(" gradient") and k.count(".") == 2)
+    return [stats[f"decoder.layers.{i} gradient"] for i in layers]

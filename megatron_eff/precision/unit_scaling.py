@@ -38,12 +38,15 @@ micro-batch's backward stays unit-scaled.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_eff.autograd import forward_backward_function
+from megatron_eff.model.norms import LayerNorm, RMSNorm
+from megatron_eff.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_eff.precision.gemm import UNIT_SCALING_DEPTH, GemmLink, add_link
 
 
@@ -120,7 +123,46 @@ def attention_output_scale(seq_length: int) -> float:
     return math.sqrt(seq_length / harmonic)
 
 
-def _residual_ops(taus: dict[str, float]):
+ResidualRule = Callable[[int, str], float]  # (global layer index, "attention" | "mlp") -> tau
+
+
+def fixed_residual_rule(tau_attn: float, tau_mlp: float) -> ResidualRule:
+    """v0.1's rule: the same tau for every layer's attention branch and every layer's MLP branch."""
+    return lambda layer, branch: tau_attn if branch == "attention" else tau_mlp
+
+
+def depth_residual_rule(num_layers: int, mult: float = 1.0, attn_ratio: float = 1.0) -> ResidualRule:
+    """The current library's depth rule (u-muP, Blake et al. 2024, appendix G): every attention branch adds
+    the same variance, every MLP branch too, their total is `mult`^2 times the embedding's, attention : MLP
+    is `attn_ratio`^2. The library's ratio r (branch : skip) of the i-th of the 2L residual adds is
+    alpha_i / sqrt(L + sum of the earlier branches' alpha^2); our tau (the branch's share of the variance)
+    is r^2 / (1 + r^2)."""
+    alpha_mlp = mult * math.sqrt(2.0 / (1.0 + attn_ratio**2))
+    alpha_attn = attn_ratio * alpha_mlp
+
+    def tau(layer: int, branch: str) -> float:
+        index = 2 * layer + (branch == "mlp")
+        earlier_attn, earlier_mlp = (index + 1) // 2, index // 2
+        alpha = alpha_attn if branch == "attention" else alpha_mlp
+        r2 = alpha**2 / (num_layers + earlier_attn * alpha_attn**2 + earlier_mlp * alpha_mlp**2)
+        return r2 / (1.0 + r2)
+
+    return tau
+
+
+def residual_rule(precision, num_layers: int) -> ResidualRule:
+    """The rule `--unit-scaling-residual` selects (a `PrecisionConfig`)."""
+    if precision.unit_scaling_residual == "fixed":
+        return fixed_residual_rule(precision.unit_scaling_residual_tau_attn, precision.unit_scaling_residual_tau_mlp)
+    return depth_residual_rule(num_layers, precision.unit_scaling_residual_mult,
+                               precision.unit_scaling_residual_attn_ratio)
+
+
+def _residual_ops(layer: int, rule: ResidualRule):
+    """x + f(x) -> sqrt(1 - tau) x + sqrt(tau) f(x): sqrt(tau) on the branch's gradient at the split and on
+    its value at the add, so forward and backward both mix unit tensors into a unit tensor."""
+    taus = {branch: rule(layer, branch) for branch in ("attention", "mlp")}
+
     def split(x: torch.Tensor, branch: str):
         tau = taus[branch]
         return scale_bwd(x, math.sqrt(tau)), x * math.sqrt(1.0 - tau)  # (into the branch, skip)
@@ -139,20 +181,63 @@ def _embedding_grad_hook(vocab_size: int):
 
 
 def _add_position_scales(embedding: nn.Module) -> None:
-    """word + position is an add (alpha = 2^-1/2); the position table's gradient sums over the batch b
-    (weight-gradient scale b^-1/2, b read from the tokens `[b, s]` of the last forward)."""
+    """word + position is an add: times 2^-1/2 in forward *and* backward (scaling the forward only would leave
+    each input's gradient sqrt(2) too large: with tied embeddings, the lookup's share of the tied weight's
+    gradient). The position table's gradient sums over the batch b: weight-gradient scale b^-1/2 (b read from
+    the tokens `[b, s]` of the last forward)."""
     batch = {"size": 1}
 
     def add_hook(module, inputs, output):
         batch["size"] = inputs[0].shape[0]
-        return scale_fwd(output, 2**-0.5)
+        return output * 2**-0.5
 
     embedding.register_forward_hook(add_hook)
     embedding.position_embeddings.weight.register_hook(lambda grad: grad * batch["size"] ** -0.5)
 
 
-def apply_unit_scaling(model: nn.Module, model_config, tau_attn: float, tau_mlp: float) -> None:
-    """Turn one `GPTModel` chunk into its unit-scaled version, in place. Call before `init_weights`."""
+def _scale_grads_by_tokens(module: nn.Module, params: list[nn.Parameter], tokens_factor: int = 1) -> None:
+    """Weight-gradient scale tokens^-1/2 for `params` used by `module` outside a scaled GEMM (norm weights
+    and biases, row-parallel biases added after the reduction): their gradient is a sum over the tokens of
+    the module's last forward (times `tokens_factor`: the TP size when the module sees a sequence-parallel
+    slice whose gradient is all-reduced over TP)."""
+    seen = {"tokens": 1}
+
+    def record(mod, inputs):
+        seen["tokens"] = tokens_of(inputs[0]) * tokens_factor
+
+    module.register_forward_pre_hook(record)
+    for param in params:
+        param.register_hook(lambda grad: grad * seen["tokens"] ** -0.5)
+
+
+def _scale_unscaled_param_grads(model: nn.Module) -> None:
+    """Norm weights/biases (every norm of the chunk) and row-parallel linears' biases."""
+    tp = model.pstate.tp_size if model.sequence_parallel else 1
+    for module in model.modules():
+        if isinstance(module, (LayerNorm, RMSNorm)):
+            _scale_grads_by_tokens(module, [p for p in module.parameters(recurse=False)], tp)
+        elif isinstance(module, RowParallelLinear) and module.bias is not None:
+            _scale_grads_by_tokens(module, [module.bias])  # the GEMM's input holds every token (before SP's scatter)
+
+
+def _set_lr_scales(model: nn.Module, model_config) -> None:
+    """`param.lr_scale` (the optimizer's per-tensor LR multiplier): the inverse of the factor by which the
+    forward multiplies the weight, so AdamW's step moves the weight the model effectively uses by ~the same
+    amount as the standard parametrisation's step at the same --lr: (fan_in fan_out)^1/4 for the layer
+    linears, h^1/2 for an untied output layer, 2^1/2 for learned positions (the add's scale); 1 for the word
+    embedding (also when tied: the lookup uses it unscaled), norms and biases."""
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and module is not model.output_layer:
+            module.weight.lr_scale = (module.input_size * module.output_size) ** 0.25
+    if model.output_layer is not None and not getattr(model.output_layer.weight, "shared_embedding", False):
+        model.output_layer.weight.lr_scale = model_config.hidden_size**0.5
+    if model.embedding is not None and model.embedding.position_embeddings is not None:
+        model.embedding.position_embeddings.weight.lr_scale = 2**0.5
+
+
+def apply_unit_scaling(model: nn.Module, model_config, rule: ResidualRule, lr_scaling: bool = True) -> None:
+    """Turn one `GPTModel` chunk into its unit-scaled version, in place. Call before `init_weights`.
+    `rule` gives each residual branch its tau; `lr_scaling` sets the parameters' `lr_scale`."""
     for param in model.parameters():
         if getattr(param, "init_rule", None) == "normal":
             param.init_std = 1.0
@@ -161,9 +246,8 @@ def apply_unit_scaling(model: nn.Module, model_config, tau_attn: float, tau_mlp:
     sigma = (model_config.hidden_size / (model_config.ffn_hidden_size * (2 if model_config.swiglu else 1))) ** 0.25
     act_scale = activation_scale(model_config.swiglu, sigma)
     attn_scale = attention_output_scale(model_config.seq_length)
-    split, add = _residual_ops({"attention": tau_attn, "mlp": tau_mlp})
-    for layer in model.decoder.layers.values():
-        layer.residual_split, layer.residual_add = split, add
+    for index, layer in model.decoder.layers.items():
+        layer.residual_split, layer.residual_add = _residual_ops(int(index), rule)
         for linear, input_scale in ((layer.self_attention.linear_qkv, 1.0),
                                     (layer.self_attention.linear_proj, attn_scale),
                                     (layer.mlp.linear_fc1, 1.0), (layer.mlp.linear_fc2, act_scale)):
@@ -178,3 +262,6 @@ def apply_unit_scaling(model: nn.Module, model_config, tau_attn: float, tau_mlp:
             model_config.hidden_size, vocab,
             output_grad_scale=lambda tokens: tokens * vocab / math.sqrt(vocab - 1), constrain=False,
         )
+    _scale_unscaled_param_grads(model)
+    if lr_scaling:
+        _set_lr_scales(model, model_config)

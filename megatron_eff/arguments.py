@@ -163,12 +163,17 @@ def _precision_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
                    help="FP8 GEMMs: e4m3 everywhere, or hybrid (E4M3 forward, E5M2 gradients); TE with "
                         "--transformer-impl transformer_engine, fake-quantised emulation with local")
-    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise", "unscaled"],
+                   default="delayed",
                    help="scaling: delayed (amax history), tensorwise (current amax), mxfp8 (1x32 blocks, "
-                        "power-of-two scales), blockwise (1x128 activations/grads, 128x128 weights)")
+                        "power-of-two scales), blockwise (1x128 activations/grads, 128x128 weights), unscaled "
+                        "(scale 1, a plain cast: for --unit-scaling models; local backend)")
+    g.add_argument("--fp8-block-fp32-scales", action="store_true",
+                   help="blockwise: FP32 block scales (default: powers of two, as TE)")
     g.add_argument("--fp8-amax-history-len", type=int, default=1024, help="delayed scaling: amax history steps")
     g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="max")
-    g.add_argument("--fp8-margin", type=int, default=0, help="scale = fp8_max / amax / 2**margin")
+    g.add_argument("--fp8-margin", type=int, default=0,
+                   help="delayed scaling: scale = fp8_max / amax / 2**margin")
     g.add_argument("--fp8-gemm", choices=["emulate", "scaled_mm"], default="emulate",
                    help="local backend's FP8 GEMMs: emulate (fake-quantised inputs, FP32/BF16 GEMM) or scaled_mm "
                         "(real FP8 GEMMs with torch._scaled_mm, no TE needed; delayed/tensorwise recipes)")
@@ -206,7 +211,7 @@ def precision_config_from_args(args: argparse.Namespace) -> PrecisionConfig:
              "first_last_layers_bf16", "loss_scale", "initial_loss_scale", "loss_scale_window", "min_loss_scale",
              "hysteresis", "unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp",
              "fp8_gemm", "unit_scaling_residual", "unit_scaling_residual_mult", "unit_scaling_residual_attn_ratio",
-             "unit_scaling_lr_scaling"]
+             "unit_scaling_lr_scaling", "fp8_block_fp32_scales"]
     return PrecisionConfig(**{name: getattr(args, name) for name in names})
 
 

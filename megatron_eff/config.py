@@ -388,7 +388,8 @@ class PrecisionConfig:
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"  # max | most_recent
-    fp8_margin: int = 0
+    fp8_margin: int = 0  # delayed scaling only (TE's current/block scaling recipes have no margin)
+    fp8_block_fp32_scales: bool = False  # blockwise: FP32 scales instead of powers of two (TE's default)
     fp8_gemm: str = "emulate"  # local backend: emulate (fake-quantised) | scaled_mm (torch._scaled_mm FP8 GEMMs)
     first_last_layers_bf16: bool = False  # keep the first and last transformer layer out of FP8
     loss_scale: float | None = None  # static FP16 loss scale; None: dynamic
@@ -424,9 +425,14 @@ class PrecisionConfig:
         require(self.fp8_gemm in ("emulate", "scaled_mm"),
                  f"--fp8-gemm must be emulate or scaled_mm, got {self.fp8_gemm!r}")
         require(self.fp8_gemm == "emulate" or self.fp8, "--fp8-gemm scaled_mm needs --fp8-format")
-        require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise"),
-                 f"--fp8-gemm scaled_mm supports the per-tensor recipes (--fp8-recipe delayed or tensorwise), "
-                 f"got --fp8-recipe {self.fp8_recipe}")
+        require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise", "unscaled"),
+                 f"--fp8-gemm scaled_mm supports the per-tensor recipes (--fp8-recipe delayed, tensorwise or "
+                 f"unscaled), got --fp8-recipe {self.fp8_recipe}")
+        require(self.fp8_margin == 0 or self.fp8_recipe == "delayed",
+                 f"--fp8-margin applies to --fp8-recipe delayed (TE's DelayedScaling; its current and block "
+                 f"scaling recipes have no margin), got --fp8-margin {self.fp8_margin} with {self.fp8_recipe}")
+        require(not self.fp8_block_fp32_scales or self.fp8_recipe == "blockwise",
+                 f"--fp8-block-fp32-scales is for --fp8-recipe blockwise, got {self.fp8_recipe}")
         require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
         require(self.loss_scale is None or self.loss_scale > 0,
                  f"--loss-scale must be positive, got {self.loss_scale}")
@@ -458,6 +464,8 @@ class PrecisionConfig:
             self._check_scaled_mm_sizes(model, tensor_parallel_size)
         require(not self.unit_scaling or model.transformer_impl == "local",
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
+        require(not (self.fp8 and self.fp8_recipe == "unscaled") or model.transformer_impl == "local",
+                 "--fp8-recipe unscaled is for --transformer-impl local (Transformer Engine has no unscaled recipe)")
         for flag, p in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
             require(not self.unit_scaling or p == 0.0,
                      f"--unit-scaling needs {flag} 0 (dropout is not unit-scaled: it changes the scale of what it "

@@ -9,11 +9,13 @@ around it, in either order of application; `fp8.py`), Unit Scaling also swaps th
 embedding hooks (`unit_scaling.py`),
 Transformer Engine is a model backend (`model/te_backend.py`; its FP8 recipes and autocast are
 `transformer_engine.py` here). The trainer owns the loss scaler
-(`loss_scaler.py`) and calls `fp8.update_fp8_meta` once per step.
+(`loss_scaler.py`); delayed FP8 scaling updates per micro-batch forward and backward, as TE's
+(`fp8.DelayedScalingUpdates`, its forward update at the exit of the autocast region of each forward).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -67,7 +69,8 @@ def precision_state(model_chunks) -> dict:
 class PrecisionRuntime:
     """What the trainer does for precision around each step: the loss scale for backward (FP16 loss scaler
     x, under Unit Scaling, the number of micro-batches), unscaling the gradients, the loss scaler's update,
-    the delayed-scaling FP8 update (amax reduced over TP and DP), TE's FP8 autocast, checkpoint state."""
+    the delayed-scaling FP8 updates (per micro-batch; amax reduced over TP and DP), TE's FP8 autocast,
+    checkpoint state."""
 
     def __init__(self, config, model_chunks, pstate):
         from megatron_eff.precision.fp8 import Fp8Recipe
@@ -79,12 +82,30 @@ class PrecisionRuntime:
         self.unit_scaling = p.unit_scaling
         self.te = config.model.transformer_impl == "transformer_engine"
         self.fp8_recipe = Fp8Recipe.from_config(p) if p.fp8 and not self.te else None
+        self.fp8_updates = None
+        if self.fp8_recipe is not None and self.fp8_recipe.recipe == "delayed":
+            from megatron_eff.precision.fp8 import DelayedScalingUpdates
+
+            self.fp8_updates = DelayedScalingUpdates(self.model, self.fp8_recipe, (pstate.tp_group, pstate.dp_group))
 
     def wrap_autocast(self, autocast):
-        """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; otherwise `autocast` unchanged."""
+        """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; local delayed FP8: `autocast`, then the
+        forward scale update when a forward with gradients leaves it; otherwise `autocast` unchanged."""
+        import contextlib
+
+        if self.fp8_updates is not None:
+            updates = self.fp8_updates
+
+            @contextlib.contextmanager
+            def then_update():
+                with autocast():
+                    yield
+                if torch.is_grad_enabled():
+                    updates.forward_done()
+
+            return then_update
         if not (self.te and self.precision.fp8):
             return autocast
-        import contextlib
 
         from megatron_eff.precision.transformer_engine import fp8_autocast
 
@@ -122,8 +143,6 @@ class PrecisionRuntime:
 
     @staticmethod
     def unscale_(params, loss_scale: float) -> None:
-        import torch
-
         grads = [p.grad for p in params if p.grad is not None]
         if loss_scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / loss_scale)
@@ -131,10 +150,6 @@ class PrecisionRuntime:
     def end_step(self, overflow: bool) -> None:
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
-        if self.fp8_recipe is not None:
-            from megatron_eff.precision.fp8 import update_fp8_meta
-
-            update_fp8_meta(self.model, self.fp8_recipe, (self.pstate.tp_group, self.pstate.dp_group))
 
     def state_tensors(self) -> dict:
         """Checkpoint tensors: local FP8 buffers and the loss scaler's state (replicated on every rank)."""

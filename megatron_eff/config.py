@@ -466,6 +466,9 @@ class PrecisionConfig:
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
         require(not (self.fp8 and self.fp8_recipe == "unscaled") or model.transformer_impl == "local",
                  "--fp8-recipe unscaled is for --transformer-impl local (Transformer Engine has no unscaled recipe)")
+        require(not self.fp8_block_fp32_scales or model.transformer_impl == "local",
+                 "--fp8-block-fp32-scales is for --transformer-impl local (with Transformer Engine set "
+                 "NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1)")
         for flag, p in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
             require(not self.unit_scaling or p == 0.0,
                      f"--unit-scaling needs {flag} 0 (dropout is not unit-scaled: it changes the scale of what it "

@@ -6,29 +6,41 @@ in backward; two primitives make any op scaled: `scale_fwd(x, a)` and `scale_bwd
 
 `apply_unit_scaling(model, ...)` transforms a built `GPTModel` chunk (before its weights are initialised):
 
-Rules used (v0.1's unless marked *ours*):
+Rules used (v0.1's unless marked *ours* or *u-muP*, the library's current version):
 - init: every "normal" weight (linears, embeddings, output layer) N(0, 1); biases 0, norm weights 1.
 - linear X[b x m] W[n x m]^T: alpha = beta_X = (m n)^-1/4 (gmean of m^-1/2 and n^-1/2: a non-cut edge),
   beta_W = beta_bias = b^-1/2 (b = tokens of the micro-batch); global m, n under TP.
-- output layer: alpha = h^-1/2, beta_X = V^-1/2, unconstrained: every gradient of the model passes through
-  this edge, so a different backward scale rescales all of them alike (*ours*: keeps logits and the
-  gradient at the final norm unit).
+- output layer: alpha = h^-1/2, beta_X = V^-1/2, unconstrained (v0.1's rule for the final projection: every
+  gradient of the model passes through this edge, so a different backward scale rescales all of them alike;
+  it keeps logits and the gradient at the final norm unit).
 - GELU: alpha = beta = gmean(1/0.588, 1/0.675) = 1.587 for unit inputs (the paper's); SwiGLU:
   gmean(1/0.597, 1/0.606) = 1.663 from E[silu(z)^2], E[silu'(z)^2] (*ours*: v0.1 has no SwiGLU). Both are
   evaluated by quadrature at fc1's actual output std (m/n)^1/4 under the gmean rule (*ours*), and folded
   into fc2's input.
 - attention: the SDPA output times sqrt(s / H_s), H_s = sum_t 1/t: uniform causal attention at init
   averages t unit values at position t, mean variance H_s / s (*ours*, "almost-scaled"); folded into
-  linear_proj's input. The q.k logits are already unit (SDPA's 1/sqrt(d) with unit q, k).
+  linear_proj's input. The q.k logits are *not* unit: q and k leave the QKV GEMM with std (m/n)^1/4 under
+  the gmean rule (m = h, n = the fused QKV width), so SDPA's q.k / sqrt(d) has std (m/n)^1/2 (0.71 on
+  llama-tiny); left as is.
 - residual: x + f(x) -> sqrt(1 - tau) x + sqrt(tau) f(x), the branch's sqrt(tau) applied to its gradient
-  at the split and to its value at the add (`residual_split` / `residual_add`); tau_attn = 0.01,
-  tau_mlp = 0.5 (v0.1 defaults).
+  at the split and to its value at the add (`residual_split` / `residual_add`). tau per branch from
+  `--unit-scaling-residual`: `depth` (default, *u-muP*'s depth rule, `depth_residual_rule`: tau ~ 1/(L + i)
+  for the i-th of 2L branches) or `fixed` (v0.1: tau_attn = 0.01, tau_mlp = 0.5 for every layer). With
+  fixed taus a branch whose backward gain g is not 1 multiplies the residual gradient by
+  sqrt(1 - tau + tau g^2) per layer: SwiGLU's MLP (g ~ 1.45) grows it ~1.25x per layer going back (x145 at
+  24 layers); the depth rule's taus shrink with depth, so the product stays bounded (0.70-1.03 at 24).
 - word embedding: weight-gradient scale sqrt(V / tokens). Learned positions: word + position is an add,
-  alpha = 2^-1/2; position-table weight-gradient scale b^-1/2 (b = sequences).
+  times 2^-1/2 in forward and backward; position-table weight-gradient scale b^-1/2 (b = sequences).
 - softmax cross-entropy: the logits' gradient times tokens * V / sqrt(V - 1): the loss is reported as the
   mean and back-propagated as the sum (folded into the output GEMM).
-- norms: alpha = 1; their weight-gradient scale is not applied (AdamW is invariant to a per-tensor
-  gradient scale). Dropout is not rescaled (the presets train without it).
+- norms: alpha = 1; norm weights/biases and row-parallel biases (added after the GEMM) get weight-gradient
+  scale tokens^-1/2, as the column-parallel biases inside the scaled GEMM do (their gradient is a sum over
+  tokens; unscaled it dominates gradient clipping).
+- dropout is refused (`PrecisionConfig.check_run`): its 1/(1-p) rescaling is not unit-scaled.
+- optimiser (`lr_scale` on each parameter, turned into param groups by `training/optimizer.py`; *u-muP*'s
+  idea, our multipliers): a weight multiplied by c in forward gets LR x 1/c, so AdamW moves c W -- the
+  weight the model uses -- by about the LR, as in the standard parametrisation at the same `--lr`; weight
+  decay is divided by the same factor (LR-independent). `--no-unit-scaling-lr-scaling` turns it off.
 
 Gradient accumulation: the schedules scale each micro-batch's loss by 1/M; the trainer multiplies the
 loss scale by M under unit scaling (and divides the summed gradients by M afterwards), so each

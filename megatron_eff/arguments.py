@@ -186,18 +186,24 @@ def _precision_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"],
                    help="FP8 GEMMs: e4m3 everywhere, or hybrid (E4M3 forward, E5M2 gradients); TE with "
                         "--transformer-impl transformer_engine, fake-quantised emulation with local")
-    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise", "unscaled"],
+                   default="delayed",
                    help="scaling: delayed (amax history), tensorwise (current amax), mxfp8 (1x32 blocks, "
-                        "power-of-two scales), blockwise (1x128 activations/grads, 128x128 weights)")
+                        "power-of-two scales), blockwise (1x128 activations/grads, 128x128 weights), unscaled "
+                        "(scale 1, a plain cast: for --unit-scaling models; local backend)")
+    g.add_argument("--fp8-block-fp32-scales", action="store_true",
+                   help="blockwise: FP32 block scales (default: powers of two, as TE)")
     g.add_argument("--fp8-amax-history-len", type=int, default=1024, help="delayed scaling: amax history steps")
     g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="max")
-    g.add_argument("--fp8-margin", type=int, default=0, help="scale = fp8_max / amax / 2**margin")
+    g.add_argument("--fp8-margin", type=int, default=0,
+                   help="delayed scaling: scale = fp8_max / amax / 2**margin")
     g.add_argument("--fp8-gemm", choices=["emulate", "scaled_mm"], default="emulate",
                    help="local backend's FP8 GEMMs: emulate (fake-quantised inputs, FP32/BF16 GEMM) or scaled_mm "
                         "(real FP8 GEMMs with torch._scaled_mm, no TE needed; delayed/tensorwise recipes)")
     g.add_argument("--first-last-layers-bf16", action="store_true",
                    help="keep the first and the last transformer layer out of FP8")
-    g.add_argument("--loss-scale", type=float, help="static FP16 loss scale (default: dynamic loss scaling)")
+    g.add_argument("--loss-scale", type=float, help="static FP16 loss scale (default: dynamic loss scaling; with "
+                                                          "--unit-scaling a static 1)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="dynamic loss scaling: start")
     g.add_argument("--loss-scale-window", type=int, default=1000,
                    help="dynamic loss scaling: double the scale after this many steps without overflow")
@@ -206,17 +212,29 @@ def _precision_group(parser: argparse.ArgumentParser) -> None:
                    help="dynamic loss scaling: overflows tolerated before the scale is halved")
     g.add_argument("--unit-scaling", action="store_true",
                    help="unit-scaled model (Blake et al. 2023): unit init, scaled ops, no loss scaling needed")
+    g.add_argument("--unit-scaling-residual", choices=["depth", "fixed"], default="depth",
+                   help="unit scaling: residual branch weights; depth: the current unit-scaling library's "
+                        "depth-dependent rule (keeps gradients unit at depth, also with SwiGLU); fixed: v0.1's "
+                        "constant taus (--unit-scaling-residual-tau-attn/-mlp)")
+    g.add_argument("--unit-scaling-residual-mult", type=float, default=1.0,
+                   help="unit scaling, depth rule: contribution of all residual branches relative to the embedding")
+    g.add_argument("--unit-scaling-residual-attn-ratio", type=float, default=1.0,
+                   help="unit scaling, depth rule: contribution of attention relative to MLP branches")
     g.add_argument("--unit-scaling-residual-tau-attn", type=float, default=0.01,
-                   help="unit scaling: weight of the attention residual branch (v0.1 default)")
+                   help="unit scaling, fixed rule: weight of the attention residual branch (v0.1 default)")
     g.add_argument("--unit-scaling-residual-tau-mlp", type=float, default=0.5,
-                   help="unit scaling: weight of the MLP residual branch (v0.1 default)")
+                   help="unit scaling, fixed rule: weight of the MLP residual branch (v0.1 default)")
+    g.add_argument("--no-unit-scaling-lr-scaling", dest="unit_scaling_lr_scaling", action="store_false",
+                   help="unit scaling: one LR for every tensor (default: per-tensor LR multipliers and "
+                        "LR-independent weight decay, so the standard model's --lr works)")
 
 
 def precision_config_from_args(args: argparse.Namespace) -> PrecisionConfig:
     names = ["fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin",
              "first_last_layers_bf16", "loss_scale", "initial_loss_scale", "loss_scale_window", "min_loss_scale",
              "hysteresis", "unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp",
-             "fp8_gemm"]
+             "fp8_gemm", "unit_scaling_residual", "unit_scaling_residual_mult", "unit_scaling_residual_attn_ratio",
+             "unit_scaling_lr_scaling", "fp8_block_fp32_scales"]
     return PrecisionConfig(**{name: getattr(args, name) for name in names})
 
 

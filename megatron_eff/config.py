@@ -395,7 +395,7 @@ class LoggingConfig:
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise", "unscaled")
 
 
 @dataclass
@@ -408,7 +408,8 @@ class PrecisionConfig:
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"  # max | most_recent
-    fp8_margin: int = 0
+    fp8_margin: int = 0  # delayed scaling only (TE's current/block scaling recipes have no margin)
+    fp8_block_fp32_scales: bool = False  # blockwise: FP32 scales instead of powers of two (TE's default)
     fp8_gemm: str = "emulate"  # local backend: emulate (fake-quantised) | scaled_mm (torch._scaled_mm FP8 GEMMs)
     first_last_layers_bf16: bool = False  # keep the first and last transformer layer out of FP8
     loss_scale: float | None = None  # static FP16 loss scale; None: dynamic
@@ -417,8 +418,13 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
     hysteresis: int = 2
     unit_scaling: bool = False
-    unit_scaling_residual_tau_attn: float = 0.01  # v0.1 defaults of the unit-scaling library (README: Precision)
+    # residual branch weights: depth (the current library's depth rule) | fixed (v0.1: the two taus below)
+    unit_scaling_residual: str = "depth"
+    unit_scaling_residual_mult: float = 1.0  # depth rule: contribution of all branches : the embedding's
+    unit_scaling_residual_attn_ratio: float = 1.0  # depth rule: attention : MLP contribution
+    unit_scaling_residual_tau_attn: float = 0.01  # fixed rule: v0.1 defaults of the unit-scaling library
     unit_scaling_residual_tau_mlp: float = 0.5
+    unit_scaling_lr_scaling: bool = True  # per-tensor LR multipliers (param.lr_scale) and LR-independent decay
 
     def __post_init__(self) -> None:
         require(
@@ -439,9 +445,14 @@ class PrecisionConfig:
         require(self.fp8_gemm in ("emulate", "scaled_mm"),
                  f"--fp8-gemm must be emulate or scaled_mm, got {self.fp8_gemm!r}")
         require(self.fp8_gemm == "emulate" or self.fp8, "--fp8-gemm scaled_mm needs --fp8-format")
-        require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise"),
-                 f"--fp8-gemm scaled_mm supports the per-tensor recipes (--fp8-recipe delayed or tensorwise), "
-                 f"got --fp8-recipe {self.fp8_recipe}")
+        require(self.fp8_gemm == "emulate" or self.fp8_recipe in ("delayed", "tensorwise", "unscaled"),
+                 f"--fp8-gemm scaled_mm supports the per-tensor recipes (--fp8-recipe delayed, tensorwise or "
+                 f"unscaled), got --fp8-recipe {self.fp8_recipe}")
+        require(self.fp8_margin == 0 or self.fp8_recipe == "delayed",
+                 f"--fp8-margin applies to --fp8-recipe delayed (TE's DelayedScaling; its current and block "
+                 f"scaling recipes have no margin), got --fp8-margin {self.fp8_margin} with {self.fp8_recipe}")
+        require(not self.fp8_block_fp32_scales or self.fp8_recipe == "blockwise",
+                 f"--fp8-block-fp32-scales is for --fp8-recipe blockwise, got {self.fp8_recipe}")
         require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
         require(self.loss_scale is None or self.loss_scale > 0,
                  f"--loss-scale must be positive, got {self.loss_scale}")
@@ -452,6 +463,11 @@ class PrecisionConfig:
         for name in ("unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp"):
             tau = getattr(self, name)
             require(0.0 < tau < 1.0, f"--{name.replace('_', '-')} must be in (0, 1), got {tau}")
+        require(self.unit_scaling_residual in ("depth", "fixed"),
+                 f"--unit-scaling-residual must be depth or fixed, got {self.unit_scaling_residual!r}")
+        for name in ("unit_scaling_residual_mult", "unit_scaling_residual_attn_ratio"):
+            value = getattr(self, name)
+            require(value > 0.0, f"--{name.replace('_', '-')} must be positive, got {value}")
 
     @property
     def fp8(self) -> bool:
@@ -468,6 +484,15 @@ class PrecisionConfig:
             self._check_scaled_mm_sizes(model, tensor_parallel_size)
         require(not self.unit_scaling or model.transformer_impl == "local",
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
+        require(not (self.fp8 and self.fp8_recipe == "unscaled") or model.transformer_impl == "local",
+                 "--fp8-recipe unscaled is for --transformer-impl local (Transformer Engine has no unscaled recipe)")
+        require(not self.fp8_block_fp32_scales or model.transformer_impl == "local",
+                 "--fp8-block-fp32-scales is for --transformer-impl local (with Transformer Engine set "
+                 "NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1)")
+        for flag, p in (("--attention-dropout", model.attention_dropout), ("--hidden-dropout", model.hidden_dropout)):
+            require(not self.unit_scaling or p == 0.0,
+                     f"--unit-scaling needs {flag} 0 (dropout is not unit-scaled: it changes the scale of what it "
+                     f"keeps by 1/(1-p) in forward and backward), got {p}")
         if self.fp8 and model.transformer_impl == "local" and self.fp8_recipe in ("mxfp8", "blockwise"):
             block = 32 if self.fp8_recipe == "mxfp8" else 128
             sizes = {"--hidden-size": model.hidden_size, "--ffn-hidden-size": model.ffn_hidden_size}

@@ -26,7 +26,7 @@ from megatron_eff.model.transformer import LayerSelection, TransformerLayer
 from megatron_eff.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_eff.precision.fp8 import Fp8Gemm, Fp8Meta, Fp8Recipe, apply_fp8, block_fake_quantize, fake_quantize
 from megatron_eff.precision.gemm import gemm_chain
-from megatron_eff.precision.unit_scaling import UnitScaledGemm, apply_unit_scaling
+from megatron_eff.precision.unit_scaling import UnitScaledGemm, apply_unit_scaling, fixed_residual_rule
 from tests.dist_utils import ROOT, free_port
 
 EXACT = dict(rtol=1e-12, atol=1e-12)
@@ -131,7 +131,7 @@ def _precise_model(order: list[str], recipe: str = "tensorwise") -> GPTModel:
         if step == "fp8":
             apply_fp8(model, Fp8Recipe("hybrid", recipe, amax_history_len=4), config.num_layers)
         else:
-            apply_unit_scaling(model, config, 0.2, 0.5)
+            apply_unit_scaling(model, config, fixed_residual_rule(0.2, 0.5))
     model.init_weights(3)
     return model
 
@@ -166,7 +166,7 @@ def test_fp8_and_unit_scaling_compose_in_either_order():
 def _layer(config: ModelConfig, unit_scaling: bool = False) -> TransformerLayer:
     model = GPTModel(config, seed=None).double()
     if unit_scaling:
-        apply_unit_scaling(model, config, 0.2, 0.5)
+        apply_unit_scaling(model, config, fixed_residual_rule(0.2, 0.5))
     model.init_weights(5)
     return model.decoder.layers["1"]
 

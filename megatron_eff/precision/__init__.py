@@ -9,11 +9,13 @@ around it, in either order of application; `fp8.py`), Unit Scaling also swaps th
 embedding hooks (`unit_scaling.py`),
 Transformer Engine is a model backend (`model/te_backend.py`; its FP8 recipes and autocast are
 `transformer_engine.py` here). The trainer owns the loss scaler
-(`loss_scaler.py`) and calls `fp8.update_fp8_meta` once per step.
+(`loss_scaler.py`); delayed FP8 scaling updates per micro-batch forward and backward, as TE's
+(`fp8.DelayedScalingUpdates`, its forward update at the exit of the autocast region of each forward).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -31,10 +33,10 @@ def apply_precision(model: nn.Module, precision, model_config) -> None:
 
         apply_fp8(model, Fp8Recipe.from_config(precision), model_config.num_layers, precision.first_last_layers_bf16)
     if precision.unit_scaling:
-        from megatron_eff.precision.unit_scaling import apply_unit_scaling
+        from megatron_eff.precision.unit_scaling import apply_unit_scaling, residual_rule
 
-        apply_unit_scaling(model, model_config, precision.unit_scaling_residual_tau_attn,
-                           precision.unit_scaling_residual_tau_mlp)
+        apply_unit_scaling(model, model_config, residual_rule(precision, model_config.num_layers),
+                           precision.unit_scaling_lr_scaling)
 
 
 def inference_precision(run_config: dict):
@@ -43,8 +45,10 @@ def inference_precision(run_config: dict):
     numerics (an FP8-trained model is evaluated with full-precision GEMMs). `run_config` is meta.json's."""
     from megatron_eff.config import PrecisionConfig
 
-    saved = run_config.get("precision") or {}
-    names = ("unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp")
+    saved = dict(run_config.get("precision") or {})
+    saved.setdefault("unit_scaling_residual", "fixed")  # checkpoints from before the depth rule used v0.1's
+    names = ("unit_scaling", "unit_scaling_residual", "unit_scaling_residual_mult",
+             "unit_scaling_residual_attn_ratio", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp")
     return PrecisionConfig(**{name: saved[name] for name in names if name in saved})
 
 
@@ -65,7 +69,8 @@ def precision_state(model_chunks) -> dict:
 class PrecisionRuntime:
     """What the trainer does for precision around each step: the loss scale for backward (FP16 loss scaler
     x, under Unit Scaling, the number of micro-batches), unscaling the gradients, the loss scaler's update,
-    the delayed-scaling FP8 update (amax reduced over TP and DP), TE's FP8 autocast, checkpoint state."""
+    the delayed-scaling FP8 updates (per micro-batch; amax reduced over TP and DP), TE's FP8 autocast,
+    checkpoint state."""
 
     def __init__(self, config, model_chunks, pstate):
         from megatron_eff.precision.fp8 import Fp8Recipe
@@ -77,12 +82,30 @@ class PrecisionRuntime:
         self.unit_scaling = p.unit_scaling
         self.te = config.model.transformer_impl == "transformer_engine"
         self.fp8_recipe = Fp8Recipe.from_config(p) if p.fp8 and not self.te else None
+        self.fp8_updates = None
+        if self.fp8_recipe is not None and self.fp8_recipe.recipe == "delayed":
+            from megatron_eff.precision.fp8 import DelayedScalingUpdates
+
+            self.fp8_updates = DelayedScalingUpdates(self.model, self.fp8_recipe, (pstate.tp_group, pstate.dp_group))
 
     def wrap_autocast(self, autocast):
-        """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; otherwise `autocast` unchanged."""
+        """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; local delayed FP8: `autocast`, then the
+        forward scale update when a forward with gradients leaves it; otherwise `autocast` unchanged."""
+        import contextlib
+
+        if self.fp8_updates is not None:
+            updates = self.fp8_updates
+
+            @contextlib.contextmanager
+            def then_update():
+                with autocast():
+                    yield
+                if torch.is_grad_enabled():
+                    updates.forward_done()
+
+            return then_update
         if not (self.te and self.precision.fp8):
             return autocast
-        import contextlib
 
         from megatron_eff.precision.transformer_engine import fp8_autocast
 
@@ -123,8 +146,6 @@ class PrecisionRuntime:
 
     @staticmethod
     def unscale_(params, loss_scale: float) -> None:
-        import torch
-
         grads = [p.grad for p in params if p.grad is not None]
         if loss_scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / loss_scale)
@@ -132,10 +153,6 @@ class PrecisionRuntime:
     def end_step(self, overflow: bool) -> None:
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
-        if self.fp8_recipe is not None:
-            from megatron_eff.precision.fp8 import update_fp8_meta
-
-            update_fp8_meta(self.model, self.fp8_recipe, (self.pstate.tp_group, self.pstate.dp_group))
 
     def state_tensors(self) -> dict:
         """Checkpoint tensors: local FP8 buffers and the loss scaler's state (replicated on every rank)."""

@@ -17,20 +17,31 @@ reference kernel (a little slower than the emulation). The GPU kernel wants W's 
 with the flags, `PrecisionConfig.check_run`, on every device; the token dim is zero-padded for wgrad) and
 cuBLASLt's row-major x column-major operands (W gets a transposed FP8 copy for dgrad, x and the gradient for wgrad).
 
-Recipes (`--fp8-recipe`) = how the per-tensor scale is chosen, scale = fp8_max / amax / 2**margin:
+Recipes (`--fp8-recipe`) = how the per-tensor scale is chosen, scale = fp8_max / amax (/ 2**margin, delayed):
 - `delayed` (TE's DelayedScaling): the scale comes from the amax *history* (max over it, or the most recent
   entry). Each linear keeps `Fp8Meta` buffers: `amax_history [len, 3]` and `scale [3]` for (input, weight,
-  output grad). Forward/backward record this step's amax into row 0; `update_fp8_meta` (once per optimizer
-  step) reduces row 0 with MAX over the tensor- and data-parallel groups — so every rank holds the same
-  state and a TP/DP run quantises exactly like the single-process run — computes the new scales and rolls
-  the history (TE's order: row 0 moves to the end, a zero row 0 starts). The first step uses scale 1.
-- `tensorwise` (TE's Float8CurrentScaling): the scale comes from the tensor's own amax, now. On this
-  rank's shard: a TP run's scales for sharded weights/grads differ slightly from a single-process run's.
+  output grad). Updated where TE updates them: the forward slots (input, weight) at the end of each
+  micro-batch's forward (the exit of the autocast region the schedule runs each forward in), the gradient
+  slot at the end of each micro-batch's backward (an autograd engine callback queued by the first gradient
+  quantised in that backward) -- so the history length counts micro-batches, as in TE. Each update reduces
+  the new amaxes with MAX over the tensor- and data-parallel groups (every rank holds the same state and a
+  TP/DP run quantises exactly like the single-process run), computes the new scales from the history and
+  rolls it (TE's order: row 0 moves to the end, a zero row 0 starts). Until the first update the scale is
+  1. Forwards without gradients (evaluation) record nothing and update nothing.
+- `tensorwise` (TE's Float8CurrentScaling): the scale comes from the tensor's own amax, now (no margin). On
+  this rank's shard: a TP run's scales for sharded weights/grads differ slightly from a single-process run's.
 - `mxfp8` (MXFP8BlockScaling): one power-of-two scale per 32 consecutive elements of the GEMM's inner dim.
 - `blockwise` (Float8BlockScaling): 1x128 blocks for activations and gradients, 128x128 for weights
-  (1x128 when the weight's rows are not a multiple of 128).
+  (1x128 when the weight's rows are not a multiple of 128); scales rounded down to powers of two (TE's
+  default; `--fp8-block-fp32-scales` keeps them FP32, TE's NVTE_FP8_BLOCK_SCALING_FP32_SCALES).
   Block recipes quantise along the last dim only (TE also keeps a column-wise copy for wgrad; not emulated).
-Non-finite or zero amaxes keep the previous scale (as TE).
+- `unscaled`: scale 1, a plain cast (the unit-scaling library's `simulate_fp8`): what a unit-scaled model
+  makes possible, and what the standard parametrisation's small gradients underflow in. Local backend only.
+Scale edge cases as TE: a zero or non-finite amax keeps the previous scale (delayed) or gives scale 1
+(current/block scaling); a scale that overflows FP32 (a tiny amax) is clamped to FP32's max.
+
+Under BF16 autocast the operands are dequantised to FP32 and the GEMM runs in FP32 (output cast to BF16),
+as an FP8 GEMM with FP32 accumulation does: dequantising to BF16 would round x/scale a second time.
 
 The model does not know any of this: `apply_fp8` swaps the `gemm` callable of the linears.
 """
@@ -60,16 +71,18 @@ class Fp8Recipe:
     """What `PrecisionConfig` says about FP8, in the form the emulation needs."""
 
     fp8_format: str = "hybrid"  # e4m3 | hybrid
-    recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
+    recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise | unscaled
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"  # max | most_recent
     margin: int = 0
     gemm: str = "emulate"  # emulate (fake-quantised, high-precision GEMM) | scaled_mm (torch._scaled_mm)
+    block_power_of_two: bool = True  # blockwise: scales rounded down to powers of two (TE's default)
 
     @classmethod
     def from_config(cls, precision) -> Fp8Recipe:
         return cls(precision.fp8_format, precision.fp8_recipe, precision.fp8_amax_history_len,
-                   precision.fp8_amax_compute_algo, precision.fp8_margin, precision.fp8_gemm)
+                   precision.fp8_amax_compute_algo, precision.fp8_margin, precision.fp8_gemm,
+                   not precision.fp8_block_fp32_scales)
 
     @property
     def forward_dtype(self) -> torch.dtype:
@@ -83,10 +96,14 @@ class Fp8Recipe:
         return self.backward_dtype if slot == GRAD_OUTPUT else self.forward_dtype
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
 def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype, margin: int = 0) -> torch.Tensor:
-    """fp8_max / amax / 2**margin (float32); 1 where amax is zero or not finite."""
+    """fp8_max / amax / 2**margin (float32), clamped to FP32's max (a tiny amax); 1 where amax is zero or not
+    finite (TE's current scaling; delayed scaling keeps the previous scale instead, `update_fp8_meta`)."""
     amax = amax.float()
-    scale = fp8_max(dtype) / amax / (2.0**margin)
+    scale = (fp8_max(dtype) / amax / (2.0**margin)).clamp(max=FP32_MAX)
     return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
 
 
@@ -97,13 +114,14 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -
     return (x.float() * scale).clamp_(-limit, limit).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """dequantise(quantise(x)): `quantize`, cast back and unscale. Returns x's dtype."""
-    return (quantize(x, scale, dtype).float() / scale).to(x.dtype)
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dequantise(quantise(x)): `quantize`, cast back and unscale. Returns `out_dtype` (default x's dtype)."""
+    return (quantize(x, scale, dtype).float() / scale).to(out_dtype or x.dtype)
 
 
 def block_fake_quantize(x: torch.Tensor, block_rows: int, block_cols: int, dtype: torch.dtype,
-                        power_of_two: bool) -> torch.Tensor:
+                        power_of_two: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fake-quantise with one scale per `block_rows x block_cols` block of `x` viewed as `[rows, last]`.
     `power_of_two` rounds each scale down to a power of two (MXFP8's E8M0 scales)."""
     shape = x.shape
@@ -118,7 +136,7 @@ def block_fake_quantize(x: torch.Tensor, block_rows: int, block_cols: int, dtype
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
     out = fake_quantize(blocks, scale, dtype).reshape(rows, padded)[:, :cols]
-    return out.reshape(shape).to(x.dtype)
+    return out.reshape(shape).to(out_dtype or x.dtype)
 
 
 _fake_quantize = forward_backward_function(  # forward: fake-quantise; backward: straight through
@@ -132,8 +150,10 @@ class Fp8Meta(nn.Module):
 
     def __init__(self, history_len: int):
         super().__init__()
-        self.register_buffer("amax_history", torch.zeros(history_len, 3))  # row 0: this step's amax
+        self.register_buffer("amax_history", torch.zeros(history_len, 3))  # row 0: amaxes since the last update
         self.register_buffer("scale", torch.ones(3))  # (input, weight, grad_output)
+        self.pending = [False, False]  # (forward, backward) amaxes recorded since their last update
+        self.on_backward = None  # called when a gradient amax is recorded (`DelayedScalingUpdates`)
 
     def record(self, slot: int, tensor: torch.Tensor) -> None:
         self.record_amax(slot, tensor.detach().abs().amax())
@@ -141,6 +161,9 @@ class Fp8Meta(nn.Module):
     @torch.no_grad()
     def record_amax(self, slot: int, amax: torch.Tensor) -> None:
         self.amax_history[0, slot] = torch.maximum(self.amax_history[0, slot], amax.float())
+        self.pending[slot == GRAD_OUTPUT] = True
+        if slot == GRAD_OUTPUT and self.on_backward is not None:
+            self.on_backward()
 
 
 class Fp8Gemm(GemmLink):
@@ -153,34 +176,49 @@ class Fp8Gemm(GemmLink):
 
     def __init__(self, recipe: Fp8Recipe, meta: Fp8Meta, inner=F.linear):
         self.recipe, self.meta, self.inner = recipe, meta, inner
+        self.recording = True  # record forward amaxes: set per call (not under no_grad, i.e. evaluation)
 
     def tensor_scale(self, slot: int, t: torch.Tensor) -> torch.Tensor:
         """Record t's amax (delayed scaling's history) and return its per-tensor scale: the delayed scale in
         `Fp8Meta`, or (tensorwise) the one from t's own amax."""
         amax = t.detach().abs().amax()
-        self.meta.record_amax(slot, amax)
+        if self.recording or slot == GRAD_OUTPUT:  # evaluation's forwards leave the history alone
+            self.meta.record_amax(slot, amax)
         if self.recipe.recipe == "delayed":
             return self.meta.scale[slot]
-        return scale_from_amax(amax, self.recipe.dtype(slot), self.recipe.margin)
+        if self.recipe.recipe == "unscaled":
+            return torch.ones((), device=t.device)
+        return scale_from_amax(amax, self.recipe.dtype(slot))
 
     def _quantizer(self, slot: int):
         recipe, dtype = self.recipe, self.recipe.dtype(slot)
 
         def quantize(t: torch.Tensor) -> torch.Tensor:
-            if recipe.recipe in ("delayed", "tensorwise"):
-                return fake_quantize(t, self.tensor_scale(slot, t), dtype)
-            self.meta.record(slot, t)
+            if recipe.recipe in ("delayed", "tensorwise", "unscaled"):
+                return fake_quantize(t, self.tensor_scale(slot, t), dtype, self.compute_dtype(t))
+            if self.recording or slot == GRAD_OUTPUT:
+                self.meta.record(slot, t)
             if recipe.recipe == "mxfp8":
-                return block_fake_quantize(t, 1, 32, dtype, power_of_two=True)
+                return block_fake_quantize(t, 1, 32, dtype, True, self.compute_dtype(t))
             rows = 128 if slot == WEIGHT and t.shape[0] % 128 == 0 else 1  # blockwise: 128x128 weights
-            return block_fake_quantize(t, rows, 128, dtype, power_of_two=False)
+            return block_fake_quantize(t, rows, 128, dtype, recipe.block_power_of_two, self.compute_dtype(t))
 
         return quantize
 
+    @staticmethod
+    def compute_dtype(t: torch.Tensor) -> torch.dtype:
+        """The dtype the dequantised operands and the GEMM use: FP32 under autocast (an FP8 GEMM accumulates
+        in FP32), else the operand's own (FP32, or FP64 in tests)."""
+        return torch.float32 if torch.is_autocast_enabled(t.device.type) else t.dtype
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        device = x.device.type  # the output dtype F.linear would give: autocast's, else x's
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        self.recording = torch.is_grad_enabled()
         x = _fake_quantize(x, self._quantizer(INPUT))
         weight = _fake_quantize(weight, self._quantizer(WEIGHT))
-        y = _fake_quantize_grad(self.inner(x, weight, None), self._quantizer(GRAD_OUTPUT))
+        with torch.autocast(device, enabled=False):  # operands already in `compute_dtype`
+            y = _fake_quantize_grad(self.inner(x, weight, None), self._quantizer(GRAD_OUTPUT)).to(out_dtype)
         return y if bias is None else y + bias.to(y.dtype)  # y's dtype (autocast's), as F.linear(x, w, b)
 
 
@@ -198,6 +236,7 @@ class ScaledMmFp8Gemm(Fp8Gemm):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         device = x.device.type  # the output dtype F.linear would give: autocast's, else x's
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        self.recording = torch.is_grad_enabled()
         y = _ScaledMmLinear.apply(x.reshape(-1, x.shape[-1]), weight, self, out_dtype)  # [s*b, out]
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if bias is None else y + bias.to(y.dtype)  # out_dtype, as F.linear(x, w, b)
@@ -245,26 +284,62 @@ def fp8_metas(model: nn.Module | list[nn.Module]) -> list[Fp8Meta]:
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, Fp8Meta)]
 
 
+FORWARD_SLOTS, BACKWARD_SLOTS = (INPUT, WEIGHT), (GRAD_OUTPUT,)
+
+
 @torch.no_grad()
-def update_fp8_meta(model, recipe: Fp8Recipe, groups=()) -> None:
-    """End of an optimizer step (delayed scaling): reduce this step's amaxes (MAX over `groups`, e.g. TP
-    and DP), compute the new scales from the history, roll the history. A no-op without FP8 linears."""
-    metas = fp8_metas(model)
+def update_fp8_meta(model, recipe: Fp8Recipe, groups=(), slots=(INPUT, WEIGHT, GRAD_OUTPUT)) -> None:
+    """Delayed scaling's update of `slots` of every FP8 linear of `model` (chunks or `Fp8Meta`s): reduce the
+    amaxes recorded since the last update (MAX over `groups`, e.g. TP and DP), compute the new scales from the
+    history, roll the history. A no-op without FP8 linears or for other recipes."""
+    _update(fp8_metas(model), recipe, groups, list(slots))
+
+
+def _update(metas: list[Fp8Meta], recipe: Fp8Recipe, groups, slots: list[int]) -> None:
     if not metas or recipe.recipe != "delayed":
         return
-    current = torch.stack([m.amax_history[0] for m in metas])  # [n, 3]: one collective for all linears
+    current = torch.stack([m.amax_history[0, slots] for m in metas])  # [n, slots]: one collective for all
     for group in groups:
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(current, op=dist.ReduceOp.MAX, group=group)
     current = torch.where(torch.isfinite(current), current, torch.zeros_like(current))  # an overflow: not kept
-    limits = torch.tensor([fp8_max(recipe.dtype(slot)) for slot in (INPUT, WEIGHT, GRAD_OUTPUT)])
+    limits = torch.tensor([fp8_max(recipe.dtype(slot)) for slot in slots])
     for meta, amax_now in zip(metas, current):
-        meta.amax_history[0] = amax_now
-        amax = meta.amax_history.amax(dim=0) if recipe.amax_compute_algo == "max" else amax_now
-        new = limits.to(amax.device) / amax / (2.0**recipe.margin)
-        meta.scale.copy_(torch.where((amax > 0) & torch.isfinite(amax), new, meta.scale))
-        meta.amax_history.copy_(meta.amax_history.roll(-1, dims=0))
-        meta.amax_history[0] = 0.0
+        history = meta.amax_history[:, slots]  # a copy: [len, slots]
+        history[0] = amax_now
+        amax = history.amax(dim=0) if recipe.amax_compute_algo == "max" else amax_now
+        new = (limits.to(amax.device) / amax / (2.0**recipe.margin)).clamp(max=FP32_MAX)
+        meta.scale[slots] = torch.where((amax > 0) & torch.isfinite(amax), new, meta.scale[slots])
+        history = history.roll(-1, dims=0)
+        history[0] = 0.0
+        meta.amax_history[:, slots] = history
+        for slot in slots:
+            meta.pending[slot == GRAD_OUTPUT] = False
+
+
+class DelayedScalingUpdates:
+    """When delayed scaling updates, as TE: `forward_done()` after each micro-batch's forward updates the
+    forward slots of the linears that ran; the first gradient amax recorded in a backward queues an autograd
+    engine callback that updates the gradient slots at the end of that backward. Installs itself as the
+    metas' `on_backward`."""
+
+    def __init__(self, model_chunks, recipe: Fp8Recipe, groups=()):
+        self.metas, self.recipe, self.groups = fp8_metas(model_chunks), recipe, groups
+        self.queued = False
+        for meta in self.metas:
+            meta.on_backward = self._backward_recorded
+
+    def forward_done(self) -> None:
+        _update([m for m in self.metas if m.pending[0]], self.recipe, self.groups, list(FORWARD_SLOTS))
+
+    def _backward_recorded(self) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self.queued = False
+        _update([m for m in self.metas if m.pending[1]], self.recipe, self.groups, list(BACKWARD_SLOTS))
 
 
 def _layer_index(name: str) -> int | None:

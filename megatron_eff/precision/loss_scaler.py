@@ -1,6 +1,8 @@
 """FP16 loss scaling: multiply the loss before backward so small gradients survive FP16, divide after.
 
-- static (`--loss-scale S`): the scale never changes; an overflow still skips the step.
+- static (`--loss-scale S`): the scale never changes; an overflow still skips the step. With `--unit-scaling`
+  and no `--loss-scale` the scale is a static 1: a unit-scaled model's gradients are ~unit already, which is
+  the point of unit scaling (no loss scaling).
 - dynamic (Megatron-LM's rule): start at `--initial-loss-scale`; an overflow (a non-finite gradient) skips
   the step and, after `--hysteresis` overflows, halves the scale (not below `--min-loss-scale`);
   `--loss-scale-window` steps in a row without overflow double it.
@@ -24,6 +26,8 @@ class LossScaler:
     def from_config(cls, precision) -> LossScaler:
         if precision.loss_scale is not None:
             return cls(precision.loss_scale, dynamic=False)
+        if precision.unit_scaling:
+            return cls(1.0, dynamic=False)
         return cls(precision.initial_loss_scale, precision.loss_scale_window, precision.min_loss_scale,
                    precision.hysteresis)
 

@@ -9,6 +9,12 @@ Methods add their own groups (`Method.param_groups()`): a dict with "params" and
 "min_lr" (the group follows the run's LR schedule between its own bounds), "weight_decay" (default 0) and
 "maximize" (gradient ascent, e.g. Lagrange multipliers). Both optimizers offer `reset_state(param, mask)`
 (zero the AdamW moments of a parameter's masked positions) so methods never reach into their internals.
+
+Per-tensor LR: a parameter with an `lr_scale` attribute (set by a model transform, e.g. Unit Scaling) gets
+the scheduled LR times `lr_scale`; the default parameters are grouped by (lr_scale, weight decay), a group
+carrying its "lr_scale" key (any group may: it multiplies whatever LR the group's schedule gives). Its weight
+decay is divided by lr_scale, so AdamW's decoupled decay per step (lr x lr_scale x weight_decay) stays that of
+--weight-decay at the scheduled LR: scaling a tensor's LR does not scale its decay.
 """
 
 from __future__ import annotations
@@ -43,14 +49,32 @@ class AdamW(torch.optim.AdamW):
                 state[key].masked_fill_(mask, 0.0)
 
 
-_GROUP_KEYS = ("params", "max_lr", "min_lr", "weight_decay", "maximize")
+_GROUP_KEYS = ("params", "max_lr", "min_lr", "weight_decay", "maximize", "lr_scale")
+
+
+def default_param_groups(named_params, weight_decay: float) -> list[dict]:
+    """The parameters' groups keyed by (lr_scale, decayed or not): matrices decayed by `weight_decay`,
+    biases/norms not; a group whose lr_scale is not 1 carries "lr_scale" and the decay `weight_decay / lr_scale`
+    (module docstring). Order: as the parameters come, decayed group before undecayed for equal lr_scale."""
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        lr_scale, decayed = float(getattr(param, "lr_scale", 1.0)), not _no_weight_decay(name, param)
+        if (lr_scale, decayed) not in groups:
+            for key in ((lr_scale, True), (lr_scale, False)):  # keep the decayed group first (stable order)
+                groups[key] = {"params": [], "weight_decay": weight_decay / lr_scale if key[1] else 0.0}
+                if lr_scale != 1.0:
+                    groups[key]["lr_scale"] = lr_scale
+        groups[(lr_scale, decayed)]["params"].append(param)
+    return [g for g in groups.values() if g["params"]]
 
 
 def build_optimizer(named_params, config: OptimizerConfig, grad_sync: GradSync | None = None,
                     extra_groups: list[dict] | None = None):
-    """AdamW over two groups (decayed matrices, undecayed biases/norms) plus the methods' `extra_groups`
-    (their parameters leave the default groups). With a sharding `grad_sync` (`--use-distributed-optimizer`)
-    it is the ZeRO-1 `DistributedOptimizer` over this rank's shard."""
+    """AdamW over the default groups (decayed matrices, undecayed biases/norms; per lr_scale) plus the
+    methods' `extra_groups` (their parameters leave the default groups). With a sharding `grad_sync`
+    (`--use-distributed-optimizer`) it is the ZeRO-1 `DistributedOptimizer` over this rank's shard."""
     extra_groups = [dict(g) for g in extra_groups or []]
     for group in extra_groups:
         unknown = set(group) - set(_GROUP_KEYS)
@@ -59,16 +83,11 @@ def build_optimizer(named_params, config: OptimizerConfig, grad_sync: GradSync |
         group.setdefault("weight_decay", 0.0)
         group["params"] = list(group["params"])
     claimed = {p for g in extra_groups for p in g["params"]}
-    decay, no_decay = [], []
-    for name, param in named_params:
-        if param.requires_grad and param not in claimed:
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-        *extra_groups,
-    ]
+    groups = [*default_param_groups(((n, p) for n, p in named_params if p not in claimed), config.weight_decay),
+              *extra_groups]
     groups = [g for g in groups if g["params"]]
+    for group in groups:  # the first step's LR before any `set_learning_rate`
+        group.setdefault("lr", config.lr * group.get("lr_scale", 1.0))
     device = groups[0]["params"][0].device
     adam = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                 fused=device.type in ("cuda", "cpu"))
@@ -99,14 +118,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, iteration: in
                       config: OptimizerConfig | None = None, train_iters: int | None = None,
                       consumed_samples: int | None = None) -> None:
     """`lr` for the default groups; a group with its own "max_lr" follows the same schedule between its
-    "min_lr" (default 0) and "max_lr" (needs `iteration`, `config` and `train_iters`; `consumed_samples`
-    for a sample-based schedule)."""
+    "min_lr" (default 0) and "max_lr" (needs `iteration`, `config` and `train_iters`; `consumed_samples` for
+    a sample-based schedule); either is then multiplied by the group's "lr_scale" (default 1)."""
     for group in optimizer.param_groups:
         if "max_lr" in group and config is not None:
             own = dataclasses.replace(config, lr=group["max_lr"], min_lr=group.get("min_lr", 0.0))
-            group["lr"] = learning_rate(iteration, own, train_iters, consumed_samples)
+            group["lr"] = learning_rate(iteration, own, train_iters, consumed_samples) * group.get("lr_scale", 1.0)
         else:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @torch.no_grad()

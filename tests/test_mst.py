@@ -285,3 +285,63 @@ def test_mst_flags_are_validated_with_the_flag_name():
     with pytest.raises(ValueError, match="--mst-hsa-window"):
         config_from_args(parse_args([*FLAGS, "--mst-hsa-pattern", "fixed", "--mst-hsa-window", "5"]))
     assert math.isclose(config_from_args(parse_args(FLAGS)).method("mst").max_sparsity, 0.9)
+
+
+class PlantGradient:
+    """At one churn update of the ultra-sparse phase, plants a large gradient at the last inactive position
+    of the first sparse layer before MST reads the gradients, and records what MST keeps as grow score."""
+
+    def __init__(self, inner, iteration):
+        self.inner, self.name, self.iteration = inner, inner.name, iteration
+        self.raw = self.score = self.grad_after = self.position = None
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    def after_backward(self, it):
+        if it != self.iteration:
+            return self.inner.after_backward(it)
+        w = self.inner.weights[0]
+        self.position = int((~w.mask).flatten().nonzero().max())  # the highest index: not a tie-break winner
+        w.param.grad.view(-1)[self.position] = 1e3  # ~1e5 x the largest real gradient; clipping will scale it
+        self.raw = w.param.grad.detach().clone()
+        self.inner.after_backward(it)
+        self.score = self.inner._grow_scores[w.name].clone()
+        self.grad_after = w.param.grad.detach().clone()
+
+    def after_step(self, it):
+        self.inner.after_step(it)
+
+
+def test_grow_score_is_the_unmasked_unclipped_gradient():
+    """Growing must rank the dense gradient: the masked one is 0 wherever a weight could grow (gradient growth
+    would silently pick the lowest indices), and a clipped one is rescaled. Iteration 12: ultra-sparse, a
+    churn update (interval 2), --clip-grad 1.0 active since the planted value makes the norm >= 1e3."""
+    trainer = Trainer(config_from_args(parse_args([*FLAGS, "--clip-grad", "1.0", "--exit-interval", "12"])))
+    inner = trainer.methods.get("mst")
+    assert inner.schedule.is_churn(12) and inner.schedule.phase(11) == "ultra"
+    plant = PlantGradient(inner, 12)
+    trainer.methods.methods = [plant]
+    trainer.train()
+    w = inner.weights[0]
+    assert torch.equal(plant.score, plant.raw.abs().float())  # unmasked and pre-clip, bit for bit
+    assert plant.grad_after.view(-1)[plant.position] == 0  # ... while the optimizer only sees active weights
+    assert w.mask.view(-1)[plant.position]  # the planted position was grown
+    assert w.param.view(-1)[plant.position] == 0  # grown weights start at 0
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_embeddings_weight_decay_flag(decay):
+    flags = [*FLAGS, "--train-iters", "2", "--mst-phase-iters", "1,0,1", "--weight-decay", "0.1",
+             "--max-position-embeddings", "40"]
+    trainer = Trainer(config_from_args(parse_args(flags if decay else [*flags, "--no-mst-decay-embeddings"])))
+    (chunk,) = trainer.model
+    group_decay = {p: g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert group_decay[chunk.embedding.word_embeddings.weight] == (0.1 if decay else 0.0)  # the tied head too
+    assert group_decay[chunk.embedding.position_embeddings.weight] == (0.1 if decay else 0.0)
+    assert group_decay[chunk.decoder.layers["0"].mlp.linear_fc1.weight] == 0.1  # linears are always decayed
+    before = chunk.embedding.position_embeddings.weight.detach().clone()
+    trainer.train()
+    # positions 32..39 (past --seq-length) get no gradient and zero AdamW moments: only weight decay moves them
+    unused = chunk.embedding.position_embeddings.weight.detach()[32:]
+    assert torch.equal(unused, before[32:]) != decay

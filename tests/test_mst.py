@@ -4,6 +4,7 @@ FLOP accounting and resume. Multi-process parity is in test_mst_parallel.py."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -345,3 +346,19 @@ def test_embeddings_weight_decay_flag(decay):
     # positions 32..39 (past --seq-length) get no gradient and zero AdamW moments: only weight decay moves them
     unused = chunk.embedding.position_embeddings.weight.detach()[32:]
     assert torch.equal(unused, before[32:]) != decay
+
+
+def test_bench_takes_a_single_negative_flag_as_mst_args(monkeypatch):
+    """`bench/mst_quality.py --mst-args "--no-mst-..."`: argparse alone reads the value as an option and fails."""
+    import importlib.util
+
+    from tests.dist_utils import ROOT
+
+    spec = importlib.util.spec_from_file_location("mst_quality", ROOT / "bench" / "mst_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mst_quality", bench)  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    args = bench.parse(["--mst-args", "--no-mst-decay-embeddings", "--mst-args", "", "--iters", "3"])
+    assert args.mst_args == ["--no-mst-decay-embeddings", ""] and args.iters == 3
+    with pytest.raises(SystemExit):  # a flag the bench does not know is still refused
+        bench.parse(["--no-such-flag"])

@@ -285,6 +285,10 @@ def test_mst_flags_are_validated_with_the_flag_name():
         config_from_args(parse_args([*FLAGS, "--mst-phase-iters", "20,20,20"]))
     with pytest.raises(ValueError, match="--mst-hsa-window"):
         config_from_args(parse_args([*FLAGS, "--mst-hsa-pattern", "fixed", "--mst-hsa-window", "5"]))
+    with pytest.raises(ValueError, match="--mst-stair-iters must be >= 1, got 0"):
+        config_from_args(parse_args([*FLAGS, "--mst-stair-iters", "0"]))
+    with pytest.raises(ValueError, match="--mst-restore-schedule"):
+        MSTConfig(enabled=True, restore_schedule="cosine")
     assert math.isclose(config_from_args(parse_args(FLAGS)).method("mst").max_sparsity, 0.9)
 
 

@@ -16,7 +16,7 @@ if [[ ! -f "$OUT/data/britannica_text_document.idx" ]]; then
   PY=$PY OUT=$OUT bash examples/prepare_corpus.sh
 fi
 
-echo "== MST pretraining (phases 25/50/25 % of $ITERS iterations, s_max 0.9, ER, HSA 'sparse' w=16)"
+echo "== MST pretraining (phases 20/40/20 % of $ITERS iterations + 20 % dense, s_max 0.9, ER, HSA 'sparse' w=16)"
 rm -rf "$OUT/checkpoints"
 $PY pretrain.py \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 \

@@ -10,7 +10,8 @@ FLOPs of the iteration, `train/flops/actual` (MST), at step = iteration. The x a
 - `tokens`: consumed tokens, read off `train/consumed_tokens` (linear between its points, from 0 tokens at
   iteration 0; past the last point at the last rate), so a validation at any iteration has its place;
 - `flops`: cumulative training FLOPs, each logged `flops/actual` counted for the iterations since the point
-  before it; a run that did not log it is an error.
+  before it; a run that did not log it (a dense run) needs its constant FLOPs per iteration from the caller
+  (`flops_per_iteration`, e.g. `training.flops.model_flops_per_iteration`), otherwise it is an error.
 One line per run and scalar (a colour per run, a line style per scalar). A scalar that some runs did not log
 (`valid/loss` without validation) is left out for them; one that no run logged is an error.
 """
@@ -72,12 +73,15 @@ def _require(series: Series, tags: tuple[str, ...], run: str, why: str) -> tuple
     raise ValueError(f"{run}: no scalar {tags[0]} in its TensorBoard log, needed for {why}")
 
 
-def x_of_iteration(series: Series, x: str, run: str):
-    """The function iteration -> x axis value for one run."""
+def x_of_iteration(series: Series, x: str, run: str, flops_per_iteration: float | None = None):
+    """The function iteration -> x axis value for one run (`flops_per_iteration`: a run's constant training
+    FLOPs per iteration, used for `flops` when it logged none)."""
     if x == "iteration":
         return lambda iterations: np.asarray(iterations, dtype=np.float64)
     if x == "tokens":
         return piecewise_linear(*_require(series, (TOKENS_TAG,), run, "--x tokens"))
+    if flops_per_iteration is not None and not any(tag in series for tag in FLOPS_TAGS):
+        return lambda iterations: np.asarray(iterations, dtype=np.float64) * flops_per_iteration
     iterations, flops = _require(series, FLOPS_TAGS, run, "--x flops (a method that counts its FLOPs, e.g. MST)")
     return piecewise_linear(iterations, cumulative_flops(iterations, flops))
 
@@ -99,8 +103,10 @@ def _label(run: str) -> str:
 
 
 def plot_runs(runs: list[str], out: str, labels: list[str] | None = None, x: str = "tokens",
-              scalars=DEFAULT_SCALARS, logy: bool = False) -> str:
-    """Draw `scalars` of each run (TensorBoard log directories) against `x` into the PNG `out`; returns `out`."""
+              scalars=DEFAULT_SCALARS, logy: bool = False, flops_per_iteration: list | None = None) -> str:
+    """Draw `scalars` of each run (TensorBoard log directories) against `x` into the PNG `out`; returns `out`.
+    `flops_per_iteration`: per run, its constant training FLOPs per iteration or None (for `x="flops"`, runs
+    that logged no `flops/actual`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,6 +115,9 @@ def plot_runs(runs: list[str], out: str, labels: list[str] | None = None, x: str
     labels = list(labels) if labels else [_label(run) for run in runs]
     if len(labels) != len(runs):
         raise ValueError(f"--labels {','.join(labels)}: {len(labels)} labels for {len(runs)} runs")
+    flops_per_iteration = list(flops_per_iteration) if flops_per_iteration else [None] * len(runs)
+    if len(flops_per_iteration) != len(runs):
+        raise ValueError(f"flops_per_iteration: {len(flops_per_iteration)} values for {len(runs)} runs")
     data = [read_scalars(run) for run in runs]
     for scalar in scalars:
         if not any(scalar in series for series in data):
@@ -117,8 +126,8 @@ def plot_runs(runs: list[str], out: str, labels: list[str] | None = None, x: str
     fig = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
     ax = fig.add_subplot()
-    for color, (run, label, series) in enumerate(zip(runs, labels, data)):
-        to_x = x_of_iteration(series, x, run) if any(s in series for s in scalars) else None
+    for color, (run, label, series, run_flops) in enumerate(zip(runs, labels, data, flops_per_iteration)):
+        to_x = x_of_iteration(series, x, run, run_flops) if any(s in series for s in scalars) else None
         for style, scalar in zip(LINE_STYLES * len(scalars), scalars):
             if scalar not in series:
                 continue

@@ -4,6 +4,7 @@ FLOP accounting and resume. Multi-process parity is in test_mst_parallel.py."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -30,17 +31,23 @@ FLAGS = [
 # --- schedule -------------------------------------------------------------------------------------------
 
 
-def test_default_phases_are_fractions_and_interval_is_capped():
+def test_default_phases_are_fractions_with_a_dense_tail_and_interval_is_capped():
     s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True), train_iters=100)
-    assert (s.warm_end, s.ultra_end, s.restore_end) == (25, 75, 100)
-    assert s.update_interval == 6  # 100 requested, a quarter of the shortest phase (25) wins
+    assert (s.warm_end, s.ultra_end, s.restore_end) == (20, 60, 80)  # 0.2/0.4/0.2, then 20 dense iterations
+    assert s.update_interval == 5  # 100 requested, a quarter of the shortest phase (20) wins
+    assert s.target_sparsity(80) == s.target_sparsity(99) == 0.0 and not s.is_update(81)
     big = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True), train_iters=600_000)
     assert big.update_interval == 100
 
 
+QUARTERS = (0.25, 0.5, 0.25)  # at 400 iterations: warm-up [0, 100), ultra [100, 300], restoration (300, 400)
+
+
 @pytest.mark.parametrize("shape", ["staircase", "linear", "cubic"])
-def test_schedule_values_at_phase_boundaries(shape):
-    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, schedule=shape), train_iters=400)
+@pytest.mark.parametrize("restore", ["mirror", "staircase", "linear", "cubic"])
+def test_schedule_values_at_phase_boundaries(shape, restore):
+    config = MSTConfig(enabled=True, schedule=shape, restore_schedule=restore, phase_fractions=QUARTERS)
+    s = mst_lib.MSTSchedule.from_config(config, train_iters=400)
     assert s.target_sparsity(0) == 0.0  # warm-up starts dense
     assert s.target_sparsity(100) == pytest.approx(0.9)  # end of warm-up
     assert s.target_sparsity(200) == s.target_sparsity(300) == pytest.approx(0.9)
@@ -52,7 +59,8 @@ def test_schedule_values_at_phase_boundaries(shape):
 
 
 def test_staircase_steps_and_updates_absorb_each_stair():
-    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, update_interval=7), train_iters=400)
+    config = MSTConfig(enabled=True, update_interval=7, phase_fractions=QUARTERS, restore_schedule="mirror")
+    s = mst_lib.MSTSchedule.from_config(config, train_iters=400)
     assert [s.target_sparsity(t) for t in (0, 24, 25, 50, 75, 99)] == pytest.approx(
         [0, 0, 0.225, 0.45, 0.675, 0.675])
     assert s.is_update(25) and s.is_update(50) and not s.is_update(26)
@@ -60,8 +68,47 @@ def test_staircase_steps_and_updates_absorb_each_stair():
     assert not s.is_update(401)
 
 
+def test_stairs_are_iterations_capped_for_short_runs():
+    long = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, phase_fractions=QUARTERS), train_iters=40_000)
+    # warm-up of 10,000 iterations in stairs of --mst-stair-iters 1000: ten stairs of 0.09
+    assert [long.target_sparsity(t) for t in (999, 1000, 5500, 9999)] == pytest.approx([0, 0.09, 0.45, 0.81])
+    short = mst_lib.MSTSchedule.from_config(
+        MSTConfig(enabled=True, phase_fractions=QUARTERS, stair_iters=20), train_iters=400)
+    assert [short.target_sparsity(t) for t in (19, 20, 80)] == pytest.approx([0, 0.18, 0.72])  # 5 stairs of 20
+    capped = mst_lib.MSTSchedule.from_config(
+        MSTConfig(enabled=True, phase_fractions=QUARTERS, stair_iters=60), train_iters=400)
+    assert [capped.target_sparsity(t) for t in (24, 25, 75)] == pytest.approx([0, 0.225, 0.675])  # >= 4 stairs
+    staircase = MSTConfig(enabled=True, phase_fractions=QUARTERS, stair_iters=20, restore_schedule="staircase")
+    restore = mst_lib.MSTSchedule.from_config(staircase, train_iters=400)
+    assert [restore.target_sparsity(t) for t in (319, 320, 399)] == pytest.approx([0.9, 0.72, 0.18])
+
+
+def test_cubic_restoration_is_mostly_dense_early():
+    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True), train_iters=400)  # restoration (240, 320)
+    assert s.target_sparsity(260) == pytest.approx(0.9 * 0.75**3)
+    assert s.target_sparsity(267) < 0.9 * (2 / 3) ** 3  # a third in: over 73 % dense
+    mirror = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, restore_schedule="mirror"), train_iters=400)
+    assert mirror.target_sparsity(260) == pytest.approx(0.675)  # the staircase reversed: still 75 % of s_max
+
+
+@pytest.mark.parametrize("shape", ["linear", "cubic"])
+def test_continuous_ramps_change_the_topology_only_every_interval(shape):
+    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, schedule=shape), train_iters=400)
+    assert s.update_interval == 20
+    updates = [t for t in range(1, 401) if s.is_update(t)]
+    assert updates == list(range(20, 321, 20))  # not every ramp iteration (the target changes at each)
+    assert all(s.update_drop_fraction(t) > 0 for t in updates[:-1])
+
+
+def test_stair_starts_resize_without_churn():
+    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, update_interval=7, phase_fractions=QUARTERS),
+                                        train_iters=400)
+    assert s.is_update(25) and s.update_drop_fraction(25) == 0.0  # a stair starts: resize only
+    assert s.is_update(28) and s.update_drop_fraction(28) == pytest.approx(s.drop_fraction_at(28))
+
+
 def test_drop_fraction_decays_with_cosine():
-    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True), train_iters=400)
+    s = mst_lib.MSTSchedule.from_config(MSTConfig(enabled=True, phase_fractions=QUARTERS), train_iters=400)
     assert s.drop_fraction_at(0) == pytest.approx(0.3)
     assert s.drop_fraction_at(200) == pytest.approx(0.15)
     assert s.drop_fraction_at(400) == pytest.approx(0.0)
@@ -238,4 +285,84 @@ def test_mst_flags_are_validated_with_the_flag_name():
         config_from_args(parse_args([*FLAGS, "--mst-phase-iters", "20,20,20"]))
     with pytest.raises(ValueError, match="--mst-hsa-window"):
         config_from_args(parse_args([*FLAGS, "--mst-hsa-pattern", "fixed", "--mst-hsa-window", "5"]))
+    with pytest.raises(ValueError, match="--mst-stair-iters must be >= 1, got 0"):
+        config_from_args(parse_args([*FLAGS, "--mst-stair-iters", "0"]))
+    with pytest.raises(ValueError, match="--mst-restore-schedule"):
+        MSTConfig(enabled=True, restore_schedule="cosine")
     assert math.isclose(config_from_args(parse_args(FLAGS)).method("mst").max_sparsity, 0.9)
+
+
+class PlantGradient:
+    """At one churn update of the ultra-sparse phase, plants a large gradient at the last inactive position
+    of the first sparse layer before MST reads the gradients, and records what MST keeps as grow score."""
+
+    def __init__(self, inner, iteration):
+        self.inner, self.name, self.iteration = inner, inner.name, iteration
+        self.raw = self.score = self.grad_after = self.position = None
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    def after_backward(self, it):
+        if it != self.iteration:
+            return self.inner.after_backward(it)
+        w = self.inner.weights[0]
+        self.position = int((~w.mask).flatten().nonzero().max())  # the highest index: not a tie-break winner
+        w.param.grad.view(-1)[self.position] = 1e3  # ~1e5 x the largest real gradient; clipping will scale it
+        self.raw = w.param.grad.detach().clone()
+        self.inner.after_backward(it)
+        self.score = self.inner._grow_scores[w.name].clone()
+        self.grad_after = w.param.grad.detach().clone()
+
+    def after_step(self, it):
+        self.inner.after_step(it)
+
+
+def test_grow_score_is_the_unmasked_unclipped_gradient():
+    """Growing must rank the dense gradient: the masked one is 0 wherever a weight could grow (gradient growth
+    would silently pick the lowest indices), and a clipped one is rescaled. Iteration 12: ultra-sparse, a
+    churn update (interval 2), --clip-grad 1.0 active since the planted value makes the norm >= 1e3."""
+    trainer = Trainer(config_from_args(parse_args([*FLAGS, "--clip-grad", "1.0", "--exit-interval", "12"])))
+    inner = trainer.methods.get("mst")
+    assert inner.schedule.is_churn(12) and inner.schedule.phase(11) == "ultra"
+    plant = PlantGradient(inner, 12)
+    trainer.methods.methods = [plant]
+    trainer.train()
+    w = inner.weights[0]
+    assert torch.equal(plant.score, plant.raw.abs().float())  # unmasked and pre-clip, bit for bit
+    assert plant.grad_after.view(-1)[plant.position] == 0  # ... while the optimizer only sees active weights
+    assert w.mask.view(-1)[plant.position]  # the planted position was grown
+    assert w.param.view(-1)[plant.position] == 0  # grown weights start at 0
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_embeddings_weight_decay_flag(decay):
+    flags = [*FLAGS, "--train-iters", "2", "--mst-phase-iters", "1,0,1", "--weight-decay", "0.1",
+             "--max-position-embeddings", "40"]
+    trainer = Trainer(config_from_args(parse_args(flags if decay else [*flags, "--no-mst-decay-embeddings"])))
+    (chunk,) = trainer.model
+    group_decay = {p: g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert group_decay[chunk.embedding.word_embeddings.weight] == (0.1 if decay else 0.0)  # the tied head too
+    assert group_decay[chunk.embedding.position_embeddings.weight] == (0.1 if decay else 0.0)
+    assert group_decay[chunk.decoder.layers["0"].mlp.linear_fc1.weight] == 0.1  # linears are always decayed
+    before = chunk.embedding.position_embeddings.weight.detach().clone()
+    trainer.train()
+    # positions 32..39 (past --seq-length) get no gradient and zero AdamW moments: only weight decay moves them
+    unused = chunk.embedding.position_embeddings.weight.detach()[32:]
+    assert torch.equal(unused, before[32:]) != decay
+
+
+def test_bench_takes_a_single_negative_flag_as_mst_args(monkeypatch):
+    """`bench/mst_quality.py --mst-args "--no-mst-..."`: argparse alone reads the value as an option and fails."""
+    import importlib.util
+
+    from tests.dist_utils import ROOT
+
+    spec = importlib.util.spec_from_file_location("mst_quality", ROOT / "bench" / "mst_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mst_quality", bench)  # its dataclass looks its module up
+    spec.loader.exec_module(bench)
+    args = bench.parse(["--mst-args", "--no-mst-decay-embeddings", "--mst-args", "", "--iters", "3"])
+    assert args.mst_args == ["--no-mst-decay-embeddings", ""] and args.iters == 3
+    with pytest.raises(SystemExit):  # a flag the bench does not know is still refused
+        bench.parse(["--no-such-flag"])

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from megatron_eff.plotting import cumulative_flops, piecewise_linear, read_scalars, scalar_iterations
+from megatron_eff.plotting import cumulative_flops, piecewise_linear, read_scalars, scalar_iterations, x_of_iteration
 from tests.dist_utils import ROOT
 
 pytest.importorskip("matplotlib")
@@ -73,6 +73,23 @@ def test_cli_draws_runs_against_tokens_iterations_and_flops(tmp_path):
                     scalars=["train/loss_vs_tokens", "train/loss"])
     assert out == str(tmp_path / "it.png")
     assert_png(tmp_path / "it.png")
+
+
+def test_dense_run_on_the_flops_axis_takes_its_flops_per_iteration(tmp_path):
+    from tools.plot import plot_runs
+
+    mst, dense = write_run(tmp_path / "mst", flops=True), write_run(tmp_path / "dense")
+    to_x = x_of_iteration(read_scalars(dense), "flops", dense, flops_per_iteration=2e9)
+    assert to_x([0, 3, 10]).tolist() == [0, 6e9, 2e10]
+    logged = x_of_iteration(read_scalars(mst), "flops", mst, flops_per_iteration=2e9)  # the log wins
+    assert logged([2]).tolist() == [2 * 1e9 * 1.2]
+    out = tmp_path / "flops.png"
+    plot_runs([mst, dense], str(out), x="flops", flops_per_iteration=[None, 2e9])
+    assert_png(out)
+    with pytest.raises(ValueError, match="no scalar train/flops/actual"):
+        plot_runs([mst, dense], str(out), x="flops", flops_per_iteration=[2e9, None])
+    with pytest.raises(ValueError, match="flops_per_iteration: 1 values for 2 runs"):
+        plot_runs([mst, dense], str(out), x="flops", flops_per_iteration=[2e9])
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

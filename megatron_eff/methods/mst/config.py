@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from megatron_eff.config import require
 
+RESTORE_SCHEDULES = ("mirror", "staircase", "linear", "cubic")
+
 
 @dataclass
 class MSTConfig:
@@ -16,10 +18,12 @@ class MSTConfig:
 
     enabled: bool = False
     phase_iters: tuple[int, int, int] | None = None  # warm-up, ultra-sparse, restoration
-    phase_fractions: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    phase_fractions: tuple[float, float, float] = (0.2, 0.4, 0.2)  # the rest of the run (0.2) trains dense
     max_sparsity: float = 0.9
-    schedule: str = "staircase"  # staircase | linear | cubic
-    schedule_steps: int = 4  # stairs per ramp (staircase)
+    schedule: str = "staircase"  # staircase | linear | cubic: the warm-up ramp
+    restore_schedule: str = "cubic"  # mirror | staircase | linear | cubic: the restoration ramp
+    schedule_steps: int = 4  # staircase: at least this many stairs per ramp (caps the stair length)
+    stair_iters: int = 1000  # staircase: iterations per stair (capped to ramp / schedule_steps)
     update_interval: int = 100
     drop_fraction: float = 0.3
     grow_grad_random_ratio: float = 3.0
@@ -31,6 +35,7 @@ class MSTConfig:
     hsa_iters: tuple[int, int] | None = None  # [start, end) iterations; default: the ultra-sparse phase
     hsa_layers: tuple[int, ...] | None = None  # global layer indices; default: all
     hsa_impl: str = "factorized"  # factorized (only the pattern's scores) | mask (SDPA + boolean mask)
+    decay_embeddings: bool = True  # False: no weight decay on the word/position embeddings (tied head included)
 
     def __post_init__(self) -> None:
         if self.phase_iters is not None:
@@ -49,7 +54,12 @@ class MSTConfig:
             self.schedule in ("staircase", "linear", "cubic"),
             f"--mst-schedule must be staircase, linear or cubic, got {self.schedule!r}",
         )
+        require(
+            self.restore_schedule in RESTORE_SCHEDULES,
+            f"--mst-restore-schedule must be {', '.join(RESTORE_SCHEDULES)}, got {self.restore_schedule!r}",
+        )
         require(self.schedule_steps >= 1, f"--mst-schedule-steps must be >= 1, got {self.schedule_steps}")
+        require(self.stair_iters >= 1, f"--mst-stair-iters must be >= 1, got {self.stair_iters}")
         require(self.update_interval >= 1, f"--mst-update-interval must be >= 1, got {self.update_interval}")
         require(0 <= self.drop_fraction < 1, f"--mst-drop-fraction must be in [0, 1), got {self.drop_fraction}")
         require(
@@ -111,12 +121,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mst", action="store_true", help="train with MST: warm-up, ultra-sparse, restoration phases")
     g.add_argument("--mst-phase-iters", type=_int_list, metavar="WARM,ULTRA,RESTORE",
                    help="phase lengths in iterations (default: --mst-phase-fractions of --train-iters)")
-    g.add_argument("--mst-phase-fractions", type=_float_list, default=(0.25, 0.5, 0.25),
-                   metavar="WARM,ULTRA,RESTORE", help="phase lengths as fractions of --train-iters")
+    g.add_argument("--mst-phase-fractions", type=_float_list, default=(0.2, 0.4, 0.2),
+                   metavar="WARM,ULTRA,RESTORE",
+                   help="phase lengths as fractions of --train-iters; what they leave (default 0.2) trains dense")
     g.add_argument("--mst-max-sparsity", type=float, default=0.9, help="sparsity of the ultra-sparse phase")
     g.add_argument("--mst-schedule", choices=["staircase", "linear", "cubic"], default="staircase",
-                   help="shape of the sparsity ramps of warm-up and restoration")
-    g.add_argument("--mst-schedule-steps", type=int, default=4, help="stairs per ramp (staircase schedule)")
+                   help="shape of the warm-up ramp (dense -> --mst-max-sparsity)")
+    g.add_argument("--mst-restore-schedule", choices=RESTORE_SCHEDULES, default="cubic",
+                   help="shape of the restoration ramp (-> dense): cubic s_max (1-x)^3 is mostly dense early; "
+                        "mirror: the warm-up ramp reversed in time")
+    g.add_argument("--mst-stair-iters", type=int, default=1000,
+                   help="staircase: iterations per stair, capped so a ramp has at least --mst-schedule-steps")
+    g.add_argument("--mst-schedule-steps", type=int, default=4,
+                   help="staircase: the fewest stairs per ramp (short runs: ramp / this iterations per stair)")
     g.add_argument("--mst-update-interval", type=int, default=100,
                    help="iterations between topology updates (capped to a quarter of the shortest phase)")
     g.add_argument("--mst-drop-fraction", type=float, default=0.3,
@@ -137,15 +154,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="global layer indices that use sparse attention (default: all)")
     g.add_argument("--mst-hsa-impl", choices=["factorized", "mask"], default="factorized",
                    help="factorized: compute only the pattern's scores; mask: SDPA with a boolean mask (reference)")
+    g.add_argument("--mst-decay-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight decay on the word/position embeddings (--no-mst-decay-embeddings: decay the "
+                        "linears only, as the authors' GPT-2 code)")
 
 
 def config_from_args(args: argparse.Namespace) -> MSTConfig:
     return MSTConfig(
         enabled=args.mst, phase_iters=args.mst_phase_iters, phase_fractions=args.mst_phase_fractions,
-        max_sparsity=args.mst_max_sparsity, schedule=args.mst_schedule, schedule_steps=args.mst_schedule_steps,
+        max_sparsity=args.mst_max_sparsity, schedule=args.mst_schedule, restore_schedule=args.mst_restore_schedule,
+        schedule_steps=args.mst_schedule_steps, stair_iters=args.mst_stair_iters,
         update_interval=args.mst_update_interval, drop_fraction=args.mst_drop_fraction,
         grow_grad_random_ratio=args.mst_grow_grad_random_ratio, distribution=args.mst_distribution,
         sparsify_head=args.mst_sparsify_head, reset_optimizer_state=args.mst_reset_optimizer_state,
         hsa_pattern=args.mst_hsa_pattern, hsa_window=args.mst_hsa_window, hsa_iters=args.mst_hsa_iters,
         hsa_layers=args.mst_hsa_layers, hsa_impl=args.mst_hsa_impl,
+        decay_embeddings=args.mst_decay_embeddings,
     )

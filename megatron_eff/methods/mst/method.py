@@ -2,16 +2,20 @@
 transformer's linears through three phases, plus Hybrid Sparse Attention. See README.md, section "MST — Mixed
 Sparsity Training".
 
-    warm-up (dense -> s_max)  |  ultra-sparse (s_max)  |  restoration (s_max -> dense)  [| dense rest]
+    warm-up (dense -> s_max)  |  ultra-sparse (s_max)  |  restoration (s_max -> dense)  [| dense tail]
+
+(the schedule and when the topology changes: `schedule.py`)
 
 A training method (`methods/base.py`), built by `methods.build_methods` when `--mst` is given; the model does
 not know it is there:
 - `transform_model` (before the gradient buckets and the optimizer exist): every `linear_qkv`, `linear_proj`,
   `linear_fc1`, `linear_fc2` (and with `--mst-sparsify-head` the output layer / tied embedding) gets a
   boolean buffer `weight_mask`, shaped and TP-sharded like its weight;
-- `after_backward`: at a topology-update iteration the dense gradient (already averaged over DP) is kept
-  as the grow score; then the gradients of masked weights are zeroed, so norm, clipping and AdamW only see
-  the active weights;
+- `param_groups`: with `--no-mst-decay-embeddings`, the embeddings (and a tied head's copy on the last
+  pipeline stage) in a group without weight decay;
+- `after_backward`: at a topology-update iteration the dense gradient (already averaged over DP, not yet
+  clipped, masked positions included) is kept as the grow score; then the gradients of masked weights are
+  zeroed, so norm, clipping and AdamW only see the active weights;
 - `after_step`: weights are re-masked (masked weights stay exactly 0); at an update iteration the topology
   changes: drop the smallest |w| among active weights, grow the largest |dense grad| (r/(r+1) of them, the
   rest uniformly at random), grown weights start at 0 with zero AdamW moments (`optimizer.reset_state`);
@@ -49,81 +53,13 @@ from megatron_eff.methods.mst.attention_patterns import (
     sparse_attention,
 )
 from megatron_eff.methods.mst.config import MSTConfig
+from megatron_eff.methods.mst.schedule import MSTSchedule
 from megatron_eff.parallel.layers import local_shard
 from megatron_eff.parallel.state import communication_device
 from megatron_eff.training import flops as flops_lib
 
 MASK = "weight_mask"
 HEAD = "output_layer"
-
-
-# --- schedule -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MSTSchedule:
-    """Target sparsity s(t) after iteration t (t completed iterations; the mask after the update at t is
-    used by iterations t+1, ...), phase boundaries and the topology-update iterations."""
-
-    warm_end: int
-    ultra_end: int
-    restore_end: int
-    max_sparsity: float
-    shape: str = "staircase"
-    steps: int = 4
-    update_interval: int = 100
-    drop_fraction: float = 0.3
-
-    @classmethod
-    def from_config(cls, config: MSTConfig, train_iters: int) -> MSTSchedule:
-        if config.phase_iters is not None:
-            warm, ultra, restore = config.phase_iters
-        else:
-            fw, fu, fr = config.phase_fractions
-            warm, ultra = round(fw * train_iters), round(fu * train_iters)
-            restore = train_iters - warm - ultra if abs(fw + fu + fr - 1) < 1e-9 else round(fr * train_iters)
-        phases = [n for n in (warm, ultra, restore) if n > 0]
-        # Several updates per phase whatever the run length: at most a quarter of the shortest phase.
-        interval = max(1, min(config.update_interval, min(phases) // 4)) if phases else config.update_interval
-        return cls(warm, warm + ultra, warm + ultra + restore, config.max_sparsity, config.schedule,
-                   config.schedule_steps, interval, config.drop_fraction)
-
-    def _ramp(self, x: float) -> float:
-        """0 -> 1 over x in [0, 1]."""
-        if self.shape == "linear":
-            return x
-        if self.shape == "cubic":
-            return 1 - (1 - x) ** 3
-        return math.floor(self.steps * x + 1e-9) / self.steps  # staircase
-
-    def target_sparsity(self, t: int) -> float:
-        if t < self.warm_end:
-            return self.max_sparsity * self._ramp(t / self.warm_end)
-        if t <= self.ultra_end:
-            return self.max_sparsity
-        if t < self.restore_end:  # the warm-up ramp mirrored in time
-            return self.max_sparsity * self._ramp(1 - (t - self.ultra_end) / (self.restore_end - self.ultra_end))
-        return 0.0
-
-    def phase(self, t: int) -> str:
-        """The phase iteration t+1 trains in."""
-        if t < self.warm_end:
-            return "warmup"
-        if t < self.ultra_end:
-            return "ultra"
-        return "restoration" if t < self.restore_end else "dense"
-
-    def is_update(self, t: int) -> bool:
-        """Topology update after iteration t: every interval, at phase boundaries and when a stair changes
-        the target; none after restoration."""
-        if t < 1 or t > self.restore_end:
-            return False
-        boundary = t in (self.warm_end, self.ultra_end, self.restore_end)
-        return t % self.update_interval == 0 or boundary or self.target_sparsity(t) != self.target_sparsity(t - 1)
-
-    def drop_fraction_at(self, t: int) -> float:
-        """zeta/2 (1 + cos(pi t / T_end)), T_end = the end of restoration."""
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * min(t, self.restore_end) / max(self.restore_end, 1)))
 
 
 # --- per-layer densities and the prune/grow step (pure functions on full tensors) -------------------------
@@ -232,12 +168,30 @@ class MST(Method):
     # lifecycle
     def transform_model(self, chunks: list) -> None:
         self.weights = self._install_masks(chunks)
+        self.embedding_params = self._embedding_params(chunks)
         self._install_attention(chunks)
         if self.schedule.target_sparsity(0) > 0:  # the run starts sparse: random masks (the authors' init)
             self._random_masks(self.schedule.target_sparsity(0))
 
+    def param_groups(self) -> list[dict]:
+        if self.cfg.decay_embeddings or not self.embedding_params:
+            return []
+        return [{"params": self.embedding_params, "weight_decay": 0.0}]
+
     def attach(self, trainer) -> None:
         self.optimizer, self.grad_sync = trainer.optimizer, trainer.grad_sync
+
+    @staticmethod
+    def _embedding_params(chunks) -> list[torch.nn.Parameter]:
+        """Word and position embeddings, and the last stage's copy of a tied embedding (the output layer)."""
+        params = []
+        for chunk in chunks:
+            if chunk.embedding is not None:
+                params += [p for p in chunk.embedding.parameters() if p.requires_grad]
+            head = chunk.output_layer
+            if head is not None and getattr(head.weight, "shared_embedding", False):
+                params.append(head.weight)
+        return params
 
     # installation
     @staticmethod
@@ -349,7 +303,7 @@ class MST(Method):
     @torch.no_grad()
     def _update_topology(self, iteration: int) -> None:
         densities = layer_densities(self.shapes, self.schedule.target_sparsity(iteration), self.cfg.distribution)
-        drop_fraction = self.schedule.drop_fraction_at(iteration)
+        drop_fraction = self.schedule.update_drop_fraction(iteration)
         for w in self.weights:
             numel = math.prod(self.shapes[w.name])
             n_keep = round(densities[w.name] * numel)

@@ -12,6 +12,7 @@ import sys
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.launch import check_launch
 from megatron_eff.parallel.state import shutdown_distributed
+from megatron_eff.training.checkpointing import CheckpointError
 from megatron_eff.training.trainer import pretrain
 
 
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
         return 2
     try:
         pretrain(config)
+    except CheckpointError as error:  # --load of a checkpoint this model cannot take: raised alike on every rank
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
     finally:
         shutdown_distributed()
     return 0

@@ -2,7 +2,7 @@
 # Every kind of parallelism at once on a CPU (gloo): 8 processes = tensor 2 x pipeline 2 x data 2, with
 # sequence parallelism, the distributed optimizer and overlapped gradient reduction, on a tiny LLaMA and
 # synthetic tokens; saves a checkpoint, then resumes it in another layout (tp1 x pp1 x dp8).
-# Takes about a minute on 2 cores:   bash examples/cpu_8proc.sh   (OUT=DIR, default work_dirs/cpu_8proc)
+#   bash examples/cpu_8proc.sh   (OUT=DIR, default work_dirs/cpu_8proc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

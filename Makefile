@@ -14,11 +14,12 @@ BLENDING_HELPER := megatron_eff/data/_blending_indices.so
 venv: $(VENV)/.installed $(BLENDING_HELPER)
 
 # torch is installed first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+# The big installs show pip's progress: the first run downloads several hundred MB.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install torch==2.13.0
+	$(VENV)/bin/pip install -r requirements-dev.txt
 	touch $@
 
 # Megatron's blending index in C, loaded through ctypes (megatron_eff/data/blending_indices.py). Without a

@@ -2,7 +2,8 @@
 # MST (Mixed Sparsity Training) on a 2-core CPU in a few minutes: a small GPT-2-shaped model on the shipped
 # corpus through warm-up (dense -> 90 % sparse), ultra-sparse (with hybrid sparse attention) and restoration
 # (-> dense). The log shows mst/sparsity, flops/actual and the cumulative flops/saved_x; the run ends with
-# an "MST: ..." summary line. Everything lands in work_dirs/mst_cpu/ (override OUT, ITERS).
+# an "MST: ..." summary line. Everything lands in work_dirs/mst_cpu/ (override OUT, ITERS); a rerun moves the
+# earlier checkpoints/ and tensorboard/ to *.previous/.
 #
 #   bash examples/mst_cpu.sh
 set -euo pipefail
@@ -17,7 +18,7 @@ if [[ ! -f "$OUT/data/britannica_text_document.idx" ]]; then
 fi
 
 echo "== MST pretraining (phases 20/40/20 % of $ITERS iterations + 20 % dense, s_max 0.9, ER, HSA 'sparse' w=16)"
-rm -rf "$OUT/checkpoints"
+bash examples/keep_previous.sh "$OUT/checkpoints" "$OUT/tensorboard"  # a rerun keeps the last run
 $PY pretrain.py \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 \
     --disable-bias-linear \

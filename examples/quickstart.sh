@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart on a 2-core CPU (a few minutes): tokenizer -> preprocessing -> tiny LLaMA pretraining ->
 # checkpoint -> generated sample. Run it as `make quickstart` (which creates .venv first).
-# Everything lands in work_dirs/quickstart/ (override with OUT=...; ITERS, EVAL_INTERVAL, SAVE_INTERVAL too).
+# Everything lands in work_dirs/quickstart/ (override with OUT=...; ITERS, EVAL_INTERVAL, SAVE_INTERVAL too); a rerun
+# moves the earlier checkpoints/ and tensorboard/ to checkpoints.previous/ and tensorboard.previous/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,7 +16,7 @@ echo "== 1-3/5 shipped corpus -> tokenizer -> Megatron .bin/.idx (examples/prepa
 PY=$PY OUT=$OUT bash examples/prepare_corpus.sh
 
 echo "== 4/5 pretrain a tiny LLaMA (RMSNorm, SwiGLU, RoPE, GQA) on a 60/30/10 blend"
-rm -rf "$OUT/checkpoints"
+bash examples/keep_previous.sh "$OUT/checkpoints" "$OUT/tensorboard"  # a rerun keeps the last run
 $PY pretrain.py \
     --num-layers 4 --hidden-size 256 --num-attention-heads 8 --group-query-attention --num-query-groups 4 \
     --ffn-hidden-size 704 --seq-length 128 --max-position-embeddings 128 \

@@ -46,3 +46,20 @@ def test_gpu_example_names_missing_data():
     proc = subprocess.run(["bash", "examples/llama_1b_8gpu.sh"], cwd=ROOT, capture_output=True, text=True,
                           env={k: v for k, v in {**os.environ, "DRY_RUN": "1"}.items() if k not in DATA_ENV})
     assert proc.returncode != 0 and "set DATA=" in proc.stderr
+
+
+def test_rerun_keeps_the_previous_run(tmp_path):
+    """The CPU examples move an earlier run's checkpoints to *.previous (saying so) instead of deleting them;
+    only the run before that is replaced."""
+    ckpt = tmp_path / "checkpoints"
+    for run in ("first", "second"):
+        ckpt.mkdir()
+        (ckpt / "run.txt").write_text(run)
+        proc = subprocess.run(["bash", "examples/keep_previous.sh", str(ckpt), str(tmp_path / "absent")], cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        assert proc.stdout.strip() == f"== kept the earlier {ckpt} as {ckpt}.previous (replacing an older one)"
+        assert not ckpt.exists() and (tmp_path / "checkpoints.previous" / "run.txt").read_text() == run
+    assert not (tmp_path / "absent.previous").exists()
+    for script in ("quickstart.sh", "mst_cpu.sh", "cpu_8proc.sh"):
+        text = open(os.path.join(ROOT, "examples", script)).read()
+        assert "keep_previous.sh" in text and "rm -rf" not in text, script

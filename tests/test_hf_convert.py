@@ -4,6 +4,7 @@ that leave no output, and `pretrain.py --load IMPORTED --finetune` under tp2 x p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.config import ModelConfig
 from megatron_eff.hf import mapping
 from megatron_eff.hf.convert import export_to_hf, import_from_hf, read_hf_folder
@@ -232,6 +234,12 @@ def test_cli_both_directions(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert back.returncode == 0, back.stderr
     assert "--tensor-model-parallel-size 2" in back.stdout and "--load" in back.stdout
+    # the flags file builds the imported model: same shape as the checkpoint's, for the target layout
+    flags = (tmp_path / "back" / "pretrain_flags.txt").read_text().splitlines()
+    assert " ".join(flags) in back.stdout
+    config = config_from_args(parse_args([*flags, "--mock-data"]))
+    assert dataclasses.asdict(config.model) == config_from_meta(tmp_path / "back")
+    assert config.parallel.tensor_model_parallel_size == 2
     again = subprocess.run([*tool, "--loader", "hf", "--saver", "megatron", "--load-dir", str(tmp_path / "ckpt"),
                             "--save-dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 2 and "no config.json" in again.stderr and len(again.stderr.splitlines()) == 1

@@ -89,6 +89,7 @@ def test_sentencepiece_model_special_ids_and_round_trip(corpus):
 
 
 def test_train_tokenizer_is_reproducible(corpus, tmp_path):
+    """Same seed, same model; the --model-prefix folder does not exist yet and is created."""
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         run_tool(
@@ -96,7 +97,7 @@ def test_train_tokenizer_is_reproducible(corpus, tmp_path):
             "--input",
             corpus / "jsonl" / "britannica.jsonl",
             "--model-prefix",
-            "t",
+            "new/dir/t",
             "--vocab-size",
             400,
             "--model-type",
@@ -107,7 +108,8 @@ def test_train_tokenizer_is_reproducible(corpus, tmp_path):
             2000,  # sampled with --seed
             cwd=tmp_path / sub,
         )
-    assert (tmp_path / "a" / "t.model").read_bytes() == (tmp_path / "b" / "t.model").read_bytes()
+    model = ("new", "dir", "t.model")
+    assert (tmp_path.joinpath("a", *model)).read_bytes() == (tmp_path.joinpath("b", *model)).read_bytes()
 
 
 def test_preprocess_matches_tokenizer(corpus, tmp_path):

@@ -60,6 +60,21 @@ def test_checkpoint_shape_mismatch_names_tensor_and_shapes(tmp_path):
         load_checkpoint(str(tmp_path), dict(big.named_parameters()), None)
 
 
+def test_pretrain_load_shape_mismatch_is_one_line_error(tmp_path):
+    """`pretrain.py --load` of a checkpoint written with other shape flags: one `pretrain.py: error:` line naming
+    the tensor and both shapes, exit status 2, no traceback."""
+    small = _model(64)
+    save_checkpoint(str(tmp_path), TrainState(iteration=1), dict(small.named_parameters()), None, {}, {})
+    proc = subprocess.run([sys.executable, "pretrain.py", *TINY, "--hidden-size", "128", "--train-iters", "2",
+                           "--load", str(tmp_path), "--no-load-optim"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "error" in x]
+    assert line.startswith(f"pretrain.py: error: --load {tmp_path}"), line
+    assert "'model.embedding.word_embeddings.weight' has shape (256, 64), the model expects (256, 128)" in line
+
+
 def test_save_is_atomic_and_tracked(tmp_path):
     model = _model()
     params = dict(model.named_parameters())

@@ -149,8 +149,11 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.character_coverage <= 1:
         raise InputError(f"--character-coverage {args.character_coverage}: must be in (0, 1]")
     prefix_dir = os.path.dirname(os.path.abspath(args.model_prefix))
-    if not os.path.isdir(prefix_dir):
-        raise InputError(f"--model-prefix {args.model_prefix}: folder {prefix_dir} does not exist")
+    try:  # created like preprocess_data.py's --output-prefix folder
+        os.makedirs(prefix_dir, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--model-prefix {args.model_prefix}: cannot create folder {prefix_dir} "
+                         f"({error.strerror})") from None
 
 
 def main(argv=None) -> int:

@@ -208,10 +208,14 @@ def model_flags(config: ModelConfig, null_tokenizer: bool = False) -> list[str]:
     return [str(f) for f in flags]
 
 
+PRETRAIN_FLAGS = "pretrain_flags.txt"  # in an imported checkpoint's folder: the flags that build its model
+
+
 def import_from_hf(hf_dir: str, save_dir: str, *, tensor_parallel_size: int = 1,
                    pipeline_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
                    seq_length: int | None = None) -> tuple[ModelConfig, list[str]]:
-    """Write a megatron_eff checkpoint for an HF LLaMA / GPT-2 folder; returns (config, pretrain flags)."""
+    """Write a megatron_eff checkpoint for an HF LLaMA / GPT-2 folder; returns (config, pretrain flags). The flags
+    (model shape, layout, tokenizer) are also written to `save_dir/pretrain_flags.txt`, one a line."""
     from megatron_eff.training.checkpointing import TrainState, save_checkpoint
 
     hf_config, hf_tensors = read_hf_folder(hf_dir)
@@ -228,6 +232,8 @@ def import_from_hf(hf_dir: str, save_dir: str, *, tensor_parallel_size: int = 1,
             "--tensor-model-parallel-size", str(tensor_parallel_size),
             "--pipeline-model-parallel-size", str(pipeline_model_parallel_size)]
         flags += [x for key, value in data.items() if value for x in (f"--{key.replace('_', '-')}", value)]
+        with open(os.path.join(tmp, PRETRAIN_FLAGS), "w") as f:  # one flag a line: `$(cat ...)` or `mapfile -t`
+            f.write("".join(f"{flag}\n" for flag in flags))
         run_config = {"model": dataclasses.asdict(config), "parallel": dataclasses.asdict(parallel), "data": data,
                       "source": {"hf_dir": os.path.abspath(hf_dir), "architectures": hf_config.get("architectures")},
                       "pretrain_flags": flags}

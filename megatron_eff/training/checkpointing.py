@@ -68,8 +68,13 @@ WORD_EMBEDDING = "embedding.word_embeddings.weight"
 VOCAB_PADDED = (WORD_EMBEDDING, "output_layer.weight")  # rows padded to a multiple of 128 x TP
 
 
-class CheckpointMismatchError(RunError, ValueError):
-    """The checkpoint holds another model than the one built (a tensor missing or of another shape)."""
+class CheckpointError(RunError, ValueError):
+    """A checkpoint that cannot be loaded into this model (a tensor missing or of another shape, no optimizer
+    state, an unreadable tracker). Entry points print it as one `NAME: error:` line, not a traceback."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """`--load` names no checkpoint, or a tracker names one that is missing."""
 
 
 @dataclass
@@ -298,12 +303,13 @@ def find_checkpoint(root: str) -> str | None:
     try:
         iteration = int(text)
     except ValueError:
-        raise ValueError(f"--load {root}: tracker {tracker} does not hold an iteration number: {text!r}") from None
+        raise CheckpointError(f"--load {root}: tracker {tracker} does not hold an iteration number: "
+                              f"{text!r}") from None
     path = checkpoint_dir(root, iteration)
     if not os.path.exists(os.path.join(path, "meta.json")):
         if os.path.exists(os.path.join(path + ASIDE, "meta.json")):  # a re-save crashed between its renames
             return path + ASIDE
-        raise FileNotFoundError(f"--load {root}: tracker {tracker} names iteration {iteration} but {path} is "
+        raise CheckpointNotFoundError(f"--load {root}: tracker {tracker} names iteration {iteration} but {path} is "
                                 "missing or incomplete (no meta.json)")
     return path
 
@@ -323,7 +329,7 @@ def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
         if key not in saved and key.startswith(OPTIONAL_PREFIXES):
             continue
         if key not in saved:
-            raise CheckpointMismatchError(f"checkpoint {path} has no tensor {key!r} that the model needs")
+            raise CheckpointError(f"--load {path}: the checkpoint has no tensor {key!r} that the model needs")
         saved_shape, wanted = tuple(saved[key].size), _global_shape(tensor, param)
         if key in state:  # a second local copy of the same global tensor
             copies.append((key, tensor, None))
@@ -333,8 +339,9 @@ def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
             state[key] = torch.empty(saved_shape, dtype=tensor.dtype, device=tensor.device)
             copies.append((key, tensor, param))
         else:
-            raise CheckpointMismatchError(
-                f"checkpoint {path}: tensor {key!r} has shape {saved_shape}, the model expects {wanted}"
+            raise CheckpointError(
+                f"--load {path}: tensor {key!r} has shape {saved_shape}, the model expects {wanted} "
+                "(the model flags differ from the checkpoint's run: its meta.json lists them)"
             )
     return state, copies
 
@@ -373,7 +380,7 @@ def load_checkpoint(
     verify_checksums(path, meta.get("checksums"))
     with_optim = optimizer is not None and load_optim and not finetune
     if with_optim and not meta.get("has_optimizer", True):
-        raise ValueError(f"--load {path}: checkpoint holds no optimizer state (use --no-load-optim)")
+        raise CheckpointError(f"--load {path}: checkpoint holds no optimizer state (use --no-load-optim)")
     entries = _entries(named_params, optimizer if with_optim else None)
     method_state = meta.get("method_state") if methods and not finetune else None
     if method_state:  # a checkpoint of a run with the same methods on: their tensors (masks) too
@@ -416,7 +423,7 @@ def read_meta(root: str) -> tuple[str, dict]:
     """(checkpoint path, its meta.json) for `root` (a run directory or one checkpoint)."""
     path = find_checkpoint(root)
     if path is None:
-        raise FileNotFoundError(f"--load {root}: no checkpoint there (no {TRACKER} and no meta.json)")
+        raise CheckpointNotFoundError(f"--load {root}: no checkpoint there (no {TRACKER} and no meta.json)")
     meta_file = os.path.join(path, "meta.json")
     try:
         with open(meta_file) as f:

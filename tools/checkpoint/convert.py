@@ -11,20 +11,25 @@ HF -> megatron_eff (LLaMA / GPT-2 folder; a weights-only checkpoint for `pretrai
         --load-dir work_dirs/quickstart/hf --save-dir work_dirs/quickstart/from_hf \\
         --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
 
-The import prints the pretrain.py model flags that match the checkpoint (also in its meta.json). The output
-folder must be new (or empty); on any error nothing is left behind.
+The import prints the pretrain.py model flags that match the checkpoint (also in SAVE_DIR/pretrain_flags.txt,
+one a line, and in its meta.json):
+
+    torchrun --nproc_per_node 4 pretrain.py $(cat SAVE_DIR/pretrain_flags.txt) --load SAVE_DIR --finetune ...
+
+The output folder must be new (or empty); on any error nothing is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_eff.errors import RunError  # noqa: E402
-from megatron_eff.hf.convert import export_to_hf, import_from_hf  # noqa: E402
+from megatron_eff.hf.convert import PRETRAIN_FLAGS, export_to_hf, import_from_hf  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,8 +72,9 @@ def main(argv=None) -> int:
                 pipeline_model_parallel_size=args.target_pipeline_parallel_size,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, seq_length=args.seq_length,
             )
-            print(f"wrote {args.save_dir}; continue training with:\n  pretrain.py {' '.join(flags)} "
-                  f"--load {args.save_dir} --finetune ...")
+            flags_file = os.path.join(args.save_dir, PRETRAIN_FLAGS)
+            print(f"wrote {args.save_dir}; continue training with (these flags are also in {flags_file}):\n"
+                  f"  pretrain.py {' '.join(flags)} --load {args.save_dir} --finetune ...")
     except (ValueError, FileNotFoundError, RunError) as error:  # RunError: a damaged checkpoint
         print(f"convert.py: error: {error}", file=sys.stderr)
         return 2

@@ -221,10 +221,12 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
 
 
 def _counts_once(param, pstate: ParallelState) -> bool:
-    """In the global norm, replicated TP params count on TP rank 0 only, tied copies on the first stage."""
+    """In the global norm, replicated TP params count on TP rank 0 only, tied copies and pipeline-replicated
+    params on the first stage."""
     if getattr(param, "partition_dim", None) is None and pstate.tp_rank != 0:
         return False
-    return not (getattr(param, "shared_embedding", False) and not pstate.is_first_stage)
+    on_stages = getattr(param, "shared_embedding", False) or getattr(param, "pipeline_replicated", False)
+    return not (on_stages and not pstate.is_first_stage)
 
 
 @torch.no_grad()

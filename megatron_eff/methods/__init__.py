@@ -24,6 +24,7 @@ from megatron_eff.methods.base import Method, MethodList
 REGISTRY: dict[str, str] = {
     "mst": "megatron_eff.methods.mst",
     "prune": "megatron_eff.methods.prune",
+    "dbl": "megatron_eff.methods.dbl",
 }
 
 

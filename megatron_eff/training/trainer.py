@@ -387,9 +387,18 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """{"loss": blended validation loss, domain: that domain's validation loss, ...}."""
         losses = {"loss": evaluate(self.model, self.valid_ds, self.config, self.pstate, self.autocast)}
-        for name, dataset in self.valid_domains.items():
-            losses[name] = evaluate(self.model, dataset, self.config, self.pstate, self.autocast)
+        losses.update(self._domain_losses())
         return losses
+
+    def evaluate_domains(self) -> dict[str, float]:
+        """{domain: validation loss} on each --data-path domain's held-out samples, on demand (dynamic batch
+        loading asks at its own interval); left out of the throughput figures. Collective."""
+        with self.logger.paused():
+            return self._domain_losses()
+
+    def _domain_losses(self) -> dict[str, float]:
+        return {name: evaluate(self.model, dataset, self.config, self.pstate, self.autocast)
+                for name, dataset in self.valid_domains.items()}
 
     def save(self) -> None:
         if not self.config.checkpoint.save:

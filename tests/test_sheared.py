@@ -13,6 +13,7 @@ import torch
 
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.config import ModelConfig
+from megatron_eff.hf.convert import export_to_hf
 from megatron_eff.methods.prune import hard_concrete as hc
 from megatron_eff.methods.prune.config import PruneConfig
 from megatron_eff.methods.prune.extract import extract
@@ -200,6 +201,10 @@ def test_extraction_tool_and_continued_pretraining(tmp_path):
     assert printed[printed.index("--num-layers") + 1] == "2" and printed[printed.index("--hidden-size") + 1] == "40"
     result = Trainer(config_from_args(parse_args([*printed, *TRAIN, "--train-iters", "2"]))).train()
     assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+    hf = export_to_hf(str(out), str(tmp_path / "hf"))  # the HF export takes it as any checkpoint
+    assert (hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
+            hf["intermediate_size"]) == (2, 40, 2, 1, 48)
+    assert hf.get("head_dim", 16) == 16  # the source's head dim, kept
     bad = subprocess.run([sys.executable, "tools/checkpoint/prune.py", "--load-dir", str(tmp_path / "dense"),
                           "--save-dir", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a pruning run's checkpoint" in bad.stderr

@@ -23,6 +23,8 @@ from megatron_eff.methods.base import Method, MethodList
 # name -> package (imported when the parser is built; packages import their heavy parts lazily in `build`)
 REGISTRY: dict[str, str] = {
     "mst": "megatron_eff.methods.mst",
+    "prune": "megatron_eff.methods.prune",
+    "dbl": "megatron_eff.methods.dbl",
 }
 
 

@@ -11,8 +11,8 @@ Bucket layout: every trainable parameter's `.grad` is a view into one flat buffe
 order backward produces them) and cut into buckets of at least `bucket_size` elements (a parameter is never
 split), each padded to a multiple of the data-parallel size. Parameters whose gradient also needs a
 model-parallel reduction first (sequence-parallel norm weights and row-parallel biases over TP, the tied
-embedding copies over the first/last pipeline stage) go into one last, *deferred* bucket reduced in
-`finish()` after those reductions.
+embedding copies over the first/last pipeline stage, `pipeline_replicated` parameters over every stage)
+go into one last, *deferred* bucket reduced in `finish()` after those reductions.
 
 Overlap: a post-accumulate-grad hook counts how many micro-batches each parameter has seen; when every
 parameter of a bucket has its final gradient of the iteration (the `num_micro_batches`-th backward), the
@@ -72,6 +72,12 @@ def _needs_embedding_reduce(param, pstate: ParallelState) -> bool:
     return pstate.pp_size > 1 and getattr(param, "shared_embedding", False)
 
 
+def _needs_pipeline_reduce(param, pstate: ParallelState) -> bool:
+    """A parameter every pipeline stage holds and uses (`pipeline_replicated`, e.g. pruning's hidden mask):
+    its gradient is the sum of every stage's part."""
+    return pstate.pp_size > 1 and getattr(param, "pipeline_replicated", False)
+
+
 @torch.no_grad()
 def finalize_gradients(params: list[torch.nn.Parameter], pstate: ParallelState) -> None:
     """Make every rank's `.grad` the gradient of the global-batch mean loss for its parameter shard
@@ -84,6 +90,8 @@ def finalize_gradients(params: list[torch.nn.Parameter], pstate: ParallelState) 
     tied = [p.grad for p in params if p.grad is not None and getattr(p, "shared_embedding", False)]
     if pstate.pp_size > 1:
         _all_reduce_flat(tied, pstate.embedding_group, average=False)
+    replicated = [p.grad for p in params if p.grad is not None and _needs_pipeline_reduce(p, pstate)]
+    _all_reduce_flat(replicated, pstate.pp_group, average=False)
     _all_reduce_flat(grads, pstate.dp_group, average=True)
 
 
@@ -106,7 +114,8 @@ class Bucket:
 
 def _plan_buckets(params, pstate: ParallelState, bucket_size: int) -> tuple[list[Bucket], dict, int]:
     """Buckets over `params` in reverse order, deferred ones last; returns (buckets, offsets, total)."""
-    deferred = [p for p in params if _needs_tp_reduce(p, pstate) or _needs_embedding_reduce(p, pstate)]
+    deferred = [p for p in params if _needs_tp_reduce(p, pstate) or _needs_embedding_reduce(p, pstate)
+                or _needs_pipeline_reduce(p, pstate)]
     deferred_ids = {id(p) for p in deferred}
     regular = [p for p in reversed(params) if id(p) not in deferred_ids]
     buckets, offsets, offset = [], {}, 0
@@ -237,11 +246,14 @@ class GradSync:
             owned.div_(self.dp_size)
 
     def _model_parallel_reductions(self, bucket: Bucket) -> None:
-        """Sum the partial grads of sequence-parallel params over TP and of tied embeddings over PP."""
+        """Sum the partial grads of sequence-parallel params over TP, of tied embeddings over the first and
+        last stage, and of pipeline-replicated params over every stage."""
         sp = [p.grad for p in bucket.params if _needs_tp_reduce(p, self.pstate)]
         _all_reduce_flat(sp, self.pstate.tp_group, average=False)
         tied = [p.grad for p in bucket.params if _needs_embedding_reduce(p, self.pstate)]
         _all_reduce_flat(tied, self.pstate.embedding_group, average=False)
+        replicated = [p.grad for p in bucket.params if _needs_pipeline_reduce(p, self.pstate)]
+        _all_reduce_flat(replicated, self.pstate.pp_group, average=False)
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -338,7 +350,7 @@ class _ChunkParamGather:
             self.unhooked, self.ran = list(skipped.values()), set()
 
 
-_PIECE_ATTRS = ("partition_dim", "sequence_parallel", "shared_embedding")
+_PIECE_ATTRS = ("partition_dim", "sequence_parallel", "shared_embedding", "pipeline_replicated")
 
 
 class DistributedOptimizer:

@@ -60,6 +60,8 @@ from megatron_eff.training.checkpoint_integrity import (
 
 # Precision state (local FP8 amax histories/scales, the FP16 loss scaler): replicated tensors passed as
 # `extra_state={key: tensor}`; a checkpoint without them (another precision) loads, leaving them as they are.
+# Parameters marked `optional_in_checkpoint` (a method's added parameters, e.g. pruning masks) likewise keep
+# their initial values when the checkpoint lacks them, so such a run can start from a plain checkpoint.
 OPTIONAL_PREFIXES = ("precision.", "loss_scaler.")
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -326,8 +328,8 @@ def _load_plan(path: str, entries, mesh) -> tuple[dict, list]:
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state, copies = {}, []
     for key, tensor, param in entries:
-        if key not in saved and key.startswith(OPTIONAL_PREFIXES):
-            continue
+        if key not in saved and (key.startswith(OPTIONAL_PREFIXES) or getattr(param, "optional_in_checkpoint", False)):
+            continue  # e.g. a method's added parameters (pruning masks) when starting from a plain checkpoint
         if key not in saved:
             raise CheckpointError(f"--load {path}: the checkpoint has no tensor {key!r} that the model needs")
         saved_shape, wanted = tuple(saved[key].size), _global_shape(tensor, param)

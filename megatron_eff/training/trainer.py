@@ -246,10 +246,12 @@ def _batch_rampup(config: Config, pstate: ParallelState, methods_on: bool) -> Ba
 
 
 def _counts_once(param, pstate: ParallelState) -> bool:
-    """In the global norm, replicated TP params count on TP rank 0 only, tied copies on the first stage."""
+    """In the global norm, replicated TP params count on TP rank 0 only, tied copies and pipeline-replicated
+    params on the first stage."""
     if getattr(param, "partition_dim", None) is None and pstate.tp_rank != 0:
         return False
-    return not (getattr(param, "shared_embedding", False) and not pstate.is_first_stage)
+    on_stages = getattr(param, "shared_embedding", False) or getattr(param, "pipeline_replicated", False)
+    return not (on_stages and not pstate.is_first_stage)
 
 
 @torch.no_grad()
@@ -432,9 +434,18 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """{"loss": blended validation loss, domain: that domain's validation loss, ...}."""
         losses = {"loss": evaluate(self.model, self.valid_ds, self.config, self.pstate, self.autocast)}
-        for name, dataset in self.valid_domains.items():
-            losses[name] = evaluate(self.model, dataset, self.config, self.pstate, self.autocast)
+        losses.update(self._domain_losses())
         return losses
+
+    def evaluate_domains(self) -> dict[str, float]:
+        """{domain: validation loss} on each --data-path domain's held-out samples, on demand (dynamic batch
+        loading asks at its own interval); left out of the throughput figures. Collective."""
+        with self.logger.paused():
+            return self._domain_losses()
+
+    def _domain_losses(self) -> dict[str, float]:
+        return {name: evaluate(self.model, dataset, self.config, self.pstate, self.autocast)
+                for name, dataset in self.valid_domains.items()}
 
     def save(self) -> None:
         if not self.config.checkpoint.save:

@@ -20,6 +20,14 @@ The fast path (`z=None`): with one z for the whole run the moments stay collinea
 v = b z^2), so u_i = r_i sign(z) up to the eps term, with the scalar r_i = Adam-normalised c_i. Every
 similarity is then a function of the scalars (L1: zo_dim |r_i - r_j|; cosine: sign(r_i) sign(r_j)), and a
 positive factor does not change what facility location picks: the sketch state is the two scalars (a, b).
+
+Determinism: facility location on such values has exact ties (e.g. every point between the two middle ones
+of an even count is a median), which float rounding would break one way or another -- differently in
+another parallel layout, whose scalars differ in the last bits. So sketches are rounded to multiples of
+`SKETCH_QUANTUM` (2^-24) before the similarities: L1 distances and the greedy's gains are then sums of
+multiples of 2^-24 far below 2^53 of them, exact in float64 in any order, ties are exact and go to the lowest
+index, and a 1e-13 difference in a scalar changes the coreset only if it straddles a rounding boundary
+(probability ~1e-6 per candidate).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from __future__ import annotations
 import heapq
 
 import torch
+
+SKETCH_QUANTUM = 2.0**-24
 
 
 class AdamSketch:
@@ -171,6 +181,7 @@ def select_coreset(scalars: torch.Tensor, sources: torch.Tensor, keep: set[int],
         c = scalars.double()[large]
         grads = c[:, None] if z is None else c[:, None] * z.double()[None, :]  # [n_large, D]
         u, m, v = sketch.normalise(grads, step)
+        u = torch.round(u / SKETCH_QUANTUM) * SKETCH_QUANTUM  # see "Determinism" in the module docstring
         groups = sorted(set(sources[large].tolist()))
         rows_of = {s: (sources[large] == s).nonzero().flatten() for s in groups}
         shares = source_budgets([len(rows_of[s]) for s in groups], budget)

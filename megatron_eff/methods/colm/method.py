@@ -146,7 +146,8 @@ class CoLM(Method):
         done = time.perf_counter()
         self.selections.append(candidates.dataset_indices[chosen].tolist())
         self.last = {"colm/large_batch": float(self.large_batch_size), "colm/small_batch": float(len(chosen)),
-                     "colm/kept": float(info["kept"]), "colm/features_ms": 1e3 * (scored - start),
+                     "colm/kept_sources": float(len(self.keep)), "colm/kept": float(info["kept"]),
+                     "colm/features_ms": 1e3 * (scored - start),
                      "colm/select_ms": 1e3 * (done - scored)}
         for k, name in enumerate(self.source_names):
             self.last[f"colm/n_{name}"] = float(info["per_source"].get(k, 0))

@@ -4,7 +4,9 @@ A method package exposes
 
     NAME                       the method's name (its flag prefix, its key in `Config.methods` and in checkpoints)
     Config                     its config dataclass (`enabled` turns it on; `check_run(config)` checks it
-                               against the rest of the run)
+                               against the rest of the run; an optional `samples_per_iteration(gbs)` says
+                               how many training samples an iteration reads when that is more than the
+                               global batch, e.g. CoLM's candidate pool, so the datasets are sized for it)
     add_arguments(parser)      its command-line group
     config_from_args(args)     its Config from parsed flags
     build(config, pstate)      its `Method` (`methods/base.py`) for a run that enabled it
@@ -25,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "mst": "megatron_eff.methods.mst",
     "prune": "megatron_eff.methods.prune",
     "dbl": "megatron_eff.methods.dbl",
+    "colm": "megatron_eff.methods.colm",
 }
 
 

@@ -155,7 +155,10 @@ def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
     split; the per-domain validation sets exist with several --data-path prefixes (and
     --per-domain-validation)."""
     gbs = config.train.resolved_global_batch_size(pstate.dp_size)
-    train_samples = config.train.train_iters * gbs
+    # a method that draws more candidates than it trains on (CoLM) says how many it reads per iteration
+    per_iteration = max([gbs] + [m.samples_per_iteration(gbs) for m in config.enabled_methods().values()
+                                 if hasattr(m, "samples_per_iteration")])
+    train_samples = config.train.train_iters * per_iteration
     valid_samples = config.train.eval_iters * gbs
     seq = config.model.seq_length
     if config.data.mock_data:

@@ -23,6 +23,7 @@ from megatron_eff.methods.base import Method, MethodList
 # name -> package (imported when the parser is built; packages import their heavy parts lazily in `build`)
 REGISTRY: dict[str, str] = {
     "mst": "megatron_eff.methods.mst",
+    "sat": "megatron_eff.methods.sat",
 }
 
 

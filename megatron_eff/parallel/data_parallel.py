@@ -381,6 +381,28 @@ class DistributedOptimizer:
                     if key in state:
                         state[key].masked_fill_(flat[a - start:b - start], 0.0)
 
+    @torch.no_grad()
+    def masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor) -> dict:
+        """Copies of `param`'s moments where `mask` (shaped like it) is True, in this rank's pieces of it."""
+        flat, start, saved = mask.flatten(), self.grad_sync.offsets[param], {}
+        for p, a, b, piece in self.pieces:
+            if p is param:
+                state = self.optimizer.state.get(piece, {})
+                saved[a] = {key: state[key][flat[a - start:b - start]] for key in ("exp_avg", "exp_avg_sq")
+                            if key in state}
+        return saved
+
+    @torch.no_grad()
+    def restore_masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor, saved: dict) -> None:
+        """Put back what `masked_state` copied; moments created since then are zeroed at `mask`."""
+        flat, start = mask.flatten(), self.grad_sync.offsets[param]
+        for p, a, b, piece in self.pieces:
+            if p is param:
+                state, old = self.optimizer.state.get(piece, {}), saved.get(a, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][flat[a - start:b - start]] = old[key] if key in old else 0.0
+
     def state_numel(self) -> int:
         """Elements of optimizer state (moments) held by this rank."""
         return sum(t.numel() for s in self.optimizer.state.values() for k, t in s.items() if k != "step")

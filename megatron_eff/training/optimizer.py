@@ -8,7 +8,9 @@ AdamW is used where the device supports it (it is also the fastest on CPU). With
 Methods add their own groups (`Method.param_groups()`): a dict with "params" and optionally "max_lr" and
 "min_lr" (the group follows the run's LR schedule between its own bounds), "weight_decay" (default 0) and
 "maximize" (gradient ascent, e.g. Lagrange multipliers). Both optimizers offer `reset_state(param, mask)`
-(zero the AdamW moments of a parameter's masked positions) so methods never reach into their internals.
+(zero the AdamW moments of a parameter's masked positions) and `masked_state` / `restore_masked_state`
+(copy and put back the moments at masked positions, to keep them out of one step) so methods never reach
+into their internals.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ class AdamW(torch.optim.AdamW):
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key].masked_fill_(mask, 0.0)
+
+    @torch.no_grad()
+    def masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copies of `param`'s AdamW moments where `mask` is True (for `restore_masked_state`)."""
+        state = self.state.get(param, {})
+        return {key: state[key][mask] for key in ("exp_avg", "exp_avg_sq") if key in state}
+
+    @torch.no_grad()
+    def restore_masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor, saved: dict) -> None:
+        """Put back what `masked_state` copied; moments created since then are zeroed at `mask`."""
+        state = self.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][mask] = saved[key] if key in saved else 0.0
 
 
 _GROUP_KEYS = ("params", "max_lr", "min_lr", "weight_decay", "maximize")

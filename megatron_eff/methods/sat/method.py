@@ -211,6 +211,19 @@ class SAT(Method):
             rows = weight.transpose(0, 1) if weight.dim() == 3 else weight.unsqueeze(1)  # [ffn/tp, 1|2, h]
         return wanda_scores(rows, rms)
 
+    def global_selections(self) -> dict[int, tuple[list[int], list[int]]]:
+        """{layer: (kept query groups, kept channels)} of this rank's shard as global indices (all: dense)."""
+        out = {}
+        for state in self.layers:
+            kept = []
+            for kind in ("heads", "channels"):
+                local = None if state.selection is None else getattr(state.selection, kind)
+                per_rank = self.units[kind] // self.tp
+                local = torch.arange(per_rank) if local is None else local.cpu()
+                kept.append((local + self.tp_rank * per_rank).tolist())
+            out[state.index] = tuple(kept)
+        return out
+
     # statistics
     @torch.no_grad()
     def _fold_statistics(self) -> None:

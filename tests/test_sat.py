@@ -203,7 +203,8 @@ class Watch:
         self.before = []
         for state in self.inner.layers:
             if state.selection is not None:
-                for param, mask in self.inner._omitted_masks(state):
+                for param, dim, index in self.inner.omitted_rows(state):
+                    mask = torch.zeros_like(param, dtype=torch.bool).index_fill_(dim, index, True)
                     moments = self.inner.optimizer.state.get(param, {})
                     self.before.append((param, mask, param.detach().clone(),
                                         {k: moments[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in moments}))

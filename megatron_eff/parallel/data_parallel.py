@@ -382,26 +382,28 @@ class DistributedOptimizer:
                         state[key].masked_fill_(flat[a - start:b - start], 0.0)
 
     @torch.no_grad()
-    def masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor) -> dict:
-        """Copies of `param`'s moments where `mask` (shaped like it) is True, in this rank's pieces of it."""
-        flat, start, saved = mask.flatten(), self.grad_sync.offsets[param], {}
-        for p, a, b, piece in self.pieces:
+    def state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor) -> dict:
+        """What `restore_state_rows` needs to put back `param`'s moments at positions `index` along `dim`:
+        copies of this rank's pieces of them (flat pieces cut across rows, so whole pieces are copied)."""
+        saved = {"mask": torch.zeros_like(param, dtype=torch.bool).index_fill_(dim, index, True).flatten()}
+        for p, a, _, piece in self.pieces:
             if p is param:
                 state = self.optimizer.state.get(piece, {})
-                saved[a] = {key: state[key][flat[a - start:b - start]] for key in ("exp_avg", "exp_avg_sq")
-                            if key in state}
+                saved[a] = {key: state[key].clone() for key in ("exp_avg", "exp_avg_sq") if key in state}
         return saved
 
     @torch.no_grad()
-    def restore_masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor, saved: dict) -> None:
-        """Put back what `masked_state` copied; moments created since then are zeroed at `mask`."""
-        flat, start = mask.flatten(), self.grad_sync.offsets[param]
+    def restore_state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor, saved: dict) -> None:
+        """Put back what `state_rows` copied; moments created since then are zeroed there."""
+        start = self.grad_sync.offsets[param]
         for p, a, b, piece in self.pieces:
             if p is param:
                 state, old = self.optimizer.state.get(piece, {}), saved.get(a, {})
+                mask = saved["mask"][a - start:b - start]
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
-                        state[key][flat[a - start:b - start]] = old[key] if key in old else 0.0
+                        before = old[key] if key in old else torch.zeros_like(state[key])
+                        state[key].copy_(torch.where(mask, before, state[key]))
 
     def state_numel(self) -> int:
         """Elements of optimizer state (moments) held by this rank."""

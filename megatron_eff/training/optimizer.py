@@ -8,8 +8,8 @@ AdamW is used where the device supports it (it is also the fastest on CPU). With
 Methods add their own groups (`Method.param_groups()`): a dict with "params" and optionally "max_lr" and
 "min_lr" (the group follows the run's LR schedule between its own bounds), "weight_decay" (default 0) and
 "maximize" (gradient ascent, e.g. Lagrange multipliers). Both optimizers offer `reset_state(param, mask)`
-(zero the AdamW moments of a parameter's masked positions) and `masked_state` / `restore_masked_state`
-(copy and put back the moments at masked positions, to keep them out of one step) so methods never reach
+(zero the AdamW moments of a parameter's masked positions) and `state_rows` / `restore_state_rows` (copy
+and put back the moments of some rows or columns, to keep them out of one step) so methods never reach
 into their internals.
 """
 
@@ -45,18 +45,21 @@ class AdamW(torch.optim.AdamW):
                 state[key].masked_fill_(mask, 0.0)
 
     @torch.no_grad()
-    def masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Copies of `param`'s AdamW moments where `mask` is True (for `restore_masked_state`)."""
+    def state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copies of `param`'s AdamW moments at positions `index` along `dim` (for `restore_state_rows`)."""
         state = self.state.get(param, {})
-        return {key: state[key][mask] for key in ("exp_avg", "exp_avg_sq") if key in state}
+        return {key: state[key].index_select(dim, index) for key in ("exp_avg", "exp_avg_sq") if key in state}
 
     @torch.no_grad()
-    def restore_masked_state(self, param: torch.nn.Parameter, mask: torch.Tensor, saved: dict) -> None:
-        """Put back what `masked_state` copied; moments created since then are zeroed at `mask`."""
+    def restore_state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor, saved: dict) -> None:
+        """Put back what `state_rows` copied; moments created since then are zeroed there."""
         state = self.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                state[key][mask] = saved[key] if key in saved else 0.0
+                if key in saved:
+                    state[key].index_copy_(dim, index, saved[key])
+                else:
+                    state[key].index_fill_(dim, index, 0.0)
 
 
 _GROUP_KEYS = ("params", "max_lr", "min_lr", "weight_decay", "maximize")

@@ -43,6 +43,7 @@ from megatron_eff.methods.base import Method
 from megatron_eff.methods.sat.config import SATConfig
 from megatron_eff.methods.sat.schedule import LadderSchedule
 from megatron_eff.methods.sat.selection import keep_count, select_units, unit_generator, wanda_scores
+from megatron_eff.model.attention import _unit_elements
 from megatron_eff.model.transformer import LayerSelection
 from megatron_eff.training import flops as flops_lib
 
@@ -59,7 +60,7 @@ class SATLayer:
     pending_input: torch.Tensor  # [2, h + 1] sums of squares and (last column) token counts of this iteration
     pending_units: dict = field(default_factory=dict)  # kind -> [2, units] sums of squares, counts
     selection: LayerSelection | None = None
-    frozen: list = field(default_factory=list)  # (param, mask, values, moments) held out of this step
+    frozen: list = field(default_factory=list)  # (param, dim, index, values, moments) held out of this step
 
 
 class SAT(Method):
@@ -259,29 +260,27 @@ class SAT(Method):
                 dist.all_reduce(tensor, group=group)
 
     # freezing omitted rows
-    def _omitted_masks(self, state: SATLayer) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """(parameter, bool mask shaped like it) of every row / column the layer omits this iteration."""
+    def omitted_rows(self, state: SATLayer) -> list[tuple[torch.nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim, indices along dim) of every row / column the layer omits this iteration."""
         out = []
         attention, mlp = state.layer.self_attention, state.layer.mlp
         heads, channels = state.selection.heads, state.selection.channels
         if heads is not None:
-            groups = torch.ones(self.units["heads"] // self.tp, dtype=torch.bool, device=heads.device)
-            groups[heads] = False  # [g/tp] omitted groups
+            num_groups = self.units["heads"] // self.tp
+            groups = _complement(heads, num_groups)  # omitted query groups of this rank
             qkv = attention.linear_qkv
-            rows = groups.repeat_interleave(qkv.weight.shape[0] // groups.numel())  # [(nq + 2g) d / tp]
-            out.append((qkv.weight, rows.unsqueeze(1).expand_as(qkv.weight)))
-            if qkv.bias is not None:
-                out.append((qkv.bias, rows.view_as(qkv.bias)))
-            cols = groups.repeat_interleave(self.heads_per_group * self.model_config.head_dim)  # [nq d / tp]
-            out.append((attention.linear_proj.weight, cols.unsqueeze(0).expand_as(attention.linear_proj.weight)))
+            rows = _unit_elements(groups, qkv.weight.shape[0] // num_groups)  # their q, k, v rows
+            out += [(qkv.weight, 0, rows)] + ([(qkv.bias, 0, rows)] if qkv.bias is not None else [])
+            cols = _unit_elements(groups, self.heads_per_group * self.model_config.head_dim)  # their q heads
+            out.append((attention.linear_proj.weight, 1, cols))
         if channels is not None:
-            omitted = torch.ones(self.units["channels"] // self.tp, dtype=torch.bool, device=channels.device)
-            omitted[channels] = False  # [ffn/tp]
-            fc1 = mlp.linear_fc1
-            out.append((fc1.weight, omitted.unsqueeze(-1).expand_as(fc1.weight)))
+            omitted = _complement(channels, self.units["channels"] // self.tp)
+            fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+            fused = fc1.weight.dim() == 3  # SwiGLU [2, ffn/tp, h]: gate and up rows of the channel
+            out.append((fc1.weight, 1 if fused else 0, omitted))
             if fc1.bias is not None:
-                out.append((fc1.bias, omitted.expand_as(fc1.bias)))
-            out.append((mlp.linear_fc2.weight, omitted.unsqueeze(0).expand_as(mlp.linear_fc2.weight)))
+                out.append((fc1.bias, 1 if fused else 0, omitted))
+            out.append((fc2.weight, 1, omitted))
         return out
 
     @torch.no_grad()
@@ -293,17 +292,17 @@ class SAT(Method):
             state.frozen = []
             if state.selection is None:
                 continue
-            for param, mask in self._omitted_masks(state):
-                moments = self.optimizer.masked_state(param, mask) if self.optimizer is not None else {}
-                state.frozen.append((param, mask, param.detach()[mask].clone(), moments))
+            for param, dim, index in self.omitted_rows(state):
+                moments = self.optimizer.state_rows(param, dim, index) if self.optimizer is not None else {}
+                state.frozen.append((param, dim, index, param.detach().index_select(dim, index), moments))
 
     @torch.no_grad()
     def after_step(self, iteration: int) -> None:
         for state in self.layers:
-            for param, mask, values, moments in state.frozen:
-                param[mask] = values
+            for param, dim, index, values, moments in state.frozen:
+                param.index_copy_(dim, index, values)
                 if self.optimizer is not None:
-                    self.optimizer.restore_masked_state(param, mask, moments)
+                    self.optimizer.restore_state_rows(param, dim, index, moments)
             state.frozen = []
         if self._started is not None:
             self.last_step_time = time.perf_counter() - self._started
@@ -387,6 +386,13 @@ class SAT(Method):
             line += (f"; measured speed-up {measured:.2f}x, FLOP model {t['predicted'] / t['sparse_n']:.2f}x "
                      f"(dense steps at the end of the ladder are later in training: compare with bench/sat_speed.py)")
         return line
+
+
+def _complement(kept: torch.Tensor, num: int) -> torch.Tensor:
+    """The indices in [0, num) not in `kept`."""
+    omitted = torch.ones(num, dtype=torch.bool, device=kept.device)
+    omitted[kept] = False
+    return omitted.nonzero().squeeze(1)
 
 
 def _sharded_like(tensor: torch.Tensor, tp: int) -> SimpleNamespace:

@@ -1,13 +1,16 @@
 """Dense vs SAT step time on CPU fp32 for a LLaMA shape, at fixed omission rates, in one run.
 
 Builds two trainers from the same flags (one with `--sat` held at constant omission rates: `--sat-lors-start 1`)
-and alternates their training steps (selection + forward + backward + AdamW, batch fetch excluded), so load
-changes on a shared machine hit both alike. Prints, per setting, the median step times, the measured
-speed-up and what the FLOP model predicts (dense-equivalent / actual training FLOPs, logits included), and
-their ratio. Figures are measured, never asserted.
+and alternates their training steps (selection + forward + backward + AdamW + SAT's freezing of omitted rows,
+batch fetch excluded), so load changes on a shared machine hit both alike. By default a step is timed in CPU
+seconds of this process on one thread (`--clock process`), which other processes on a shared machine do not
+inflate; `--clock wall` times wall-clock seconds (use it on an idle machine, or with several threads).
+Prints, per setting, the median step times, the measured speed-up and what the FLOP model predicts
+(dense-equivalent / actual training FLOPs, logits included), and their ratio. Figures are measured, never asserted.
 
     .venv/bin/python bench/sat_speed.py                          # rho_c 0.5 / rho_h 0.25 and the defaults
-    .venv/bin/python bench/sat_speed.py --steps 4 --threads 1    # a quicker look
+    .venv/bin/python bench/sat_speed.py --steps 4                # a quicker look
+    .venv/bin/python bench/sat_speed.py --clock wall --threads 2  # wall-clock, two threads (idle machine)
     .venv/bin/python bench/sat_speed.py --setting 0.7,0.5        # extra settings RHO_C,RHO_H (repeatable)
 """
 
@@ -38,7 +41,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=["process", "wall"], default="process",
+                   help="process: CPU seconds of this process (robust to other load; with one thread); wall")
     p.add_argument("--setting", action="append", default=[], metavar="RHO_C,RHO_H",
                    help="extra omission rates to time (default: 0.5,0.25 and the --sat defaults)")
     return p.parse_args()
@@ -55,12 +60,12 @@ def model_flags(a: argparse.Namespace) -> list[str]:
     ]
 
 
-def timed_step(trainer: Trainer, iteration: int) -> float:
+def timed_step(trainer: Trainer, iteration: int, clock) -> float:
     batches = trainer.batch_source.next_global_batch()
-    start = time.perf_counter()
+    start = clock()
     trainer.methods.before_iteration(iteration)  # SAT's scoring and selection count as step time
     trainer.train_step(batches, iteration, 1e-4)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -72,6 +77,7 @@ def main() -> None:
     settings += [tuple(float(v) for v in s.split(",")) for s in a.setting]
     settings = list(dict.fromkeys(settings))
     base = model_flags(a)
+    clock = time.process_time if a.clock == "process" else time.perf_counter
     dense = Trainer(config_from_args(parse_args(base)))
     sats = [Trainer(config_from_args(parse_args([
         *base, "--sat", "--sat-omission-rate-mlp", str(c), "--sat-omission-rate-heads", str(h),
@@ -79,12 +85,13 @@ def main() -> None:
     times: dict[str, list[float]] = {"dense": [], **{str(s): [] for s in settings}}
     for it in range(1, a.steps + 3):
         for name, trainer in (("dense", dense), *zip(map(str, settings), sats)):
-            dt = timed_step(trainer, it)
+            dt = timed_step(trainer, it, clock)
             if it > 2:
                 times[name].append(dt)
     d = statistics.median(times["dense"])
     print(f"LLaMA shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, ffn {a.ffn}, seq {a.seq}, "
-          f"batch {a.batch}, vocab {a.vocab}; fp32 CPU, {torch.get_num_threads()} threads, {a.steps} timed steps")
+          f"batch {a.batch}, vocab {a.vocab}; fp32 CPU, {torch.get_num_threads()} threads, {a.steps} timed steps, "
+          f"{a.clock} clock")
     print(f"dense: median step {d * 1e3:.0f} ms")
     print("| rho_c | rho_h | SAT step ms | measured speed-up | FLOP model | measured / predicted |")
     print("|---|---|---|---|---|---|")

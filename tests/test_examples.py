@@ -24,7 +24,8 @@ def dry_run(script: str, **env: str) -> list[str]:
 
 
 @pytest.mark.parametrize("script,nnodes", [("gpt2_124m_8gpu.sh", 1), ("gpt2_124m_8gpu.sh", 2),
-                                           ("llama_1b_8gpu.sh", 1), ("llama_1b_8gpu.sh", 2), ("mst_gpt2_124m.sh", 1)])
+                                           ("llama_1b_8gpu.sh", 1), ("llama_1b_8gpu.sh", 2), ("mst_gpt2_124m.sh", 1),
+                                           ("sat_llama_1b.sh", 1)])
 @pytest.mark.parametrize("data", ["mock", "files"])
 def test_gpu_example_flags_are_valid(script, nnodes, data):
     env = {"MOCK": "1"} if data == "mock" else DATA_ENV

@@ -28,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "prune": "megatron_eff.methods.prune",
     "dbl": "megatron_eff.methods.dbl",
     "colm": "megatron_eff.methods.colm",
+    "sat": "megatron_eff.methods.sat",
 }
 
 

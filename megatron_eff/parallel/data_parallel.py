@@ -401,6 +401,30 @@ class DistributedOptimizer:
                     if key in state:
                         state[key].masked_fill_(flat[a - start:b - start], 0.0)
 
+    @torch.no_grad()
+    def state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor) -> dict:
+        """What `restore_state_rows` needs to put back `param`'s moments at positions `index` along `dim`:
+        copies of this rank's pieces of them (flat pieces cut across rows, so whole pieces are copied)."""
+        saved = {"mask": torch.zeros_like(param, dtype=torch.bool).index_fill_(dim, index, True).flatten()}
+        for p, a, _, piece in self.pieces:
+            if p is param:
+                state = self.optimizer.state.get(piece, {})
+                saved[a] = {key: state[key].clone() for key in ("exp_avg", "exp_avg_sq") if key in state}
+        return saved
+
+    @torch.no_grad()
+    def restore_state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor, saved: dict) -> None:
+        """Put back what `state_rows` copied; moments created since then are zeroed there."""
+        start = self.grad_sync.offsets[param]
+        for p, a, b, piece in self.pieces:
+            if p is param:
+                state, old = self.optimizer.state.get(piece, {}), saved.get(a, {})
+                mask = saved["mask"][a - start:b - start]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        before = old[key] if key in old else torch.zeros_like(state[key])
+                        state[key].copy_(torch.where(mask, before, state[key]))
+
     def state_numel(self) -> int:
         """Elements of optimizer state (moments) held by this rank."""
         return sum(t.numel() for s in self.optimizer.state.values() for k, t in s.items() if k != "step")

@@ -8,7 +8,9 @@ AdamW is used where the device supports it (it is also the fastest on CPU). With
 Methods add their own groups (`Method.param_groups()`): a dict with "params" and optionally "max_lr" and
 "min_lr" (the group follows the run's LR schedule between its own bounds), "weight_decay" (default 0) and
 "maximize" (gradient ascent, e.g. Lagrange multipliers). Both optimizers offer `reset_state(param, mask)`
-(zero the AdamW moments of a parameter's masked positions) so methods never reach into their internals.
+(zero the AdamW moments of a parameter's masked positions) and `state_rows` / `restore_state_rows` (copy
+and put back the moments of some rows or columns, to keep them out of one step) so methods never reach
+into their internals.
 
 Per-tensor LR: a parameter with an `lr_scale` attribute (set by a model transform, e.g. Unit Scaling) gets
 the scheduled LR times `lr_scale`; the default parameters are grouped by (lr_scale, weight decay), a group
@@ -47,6 +49,23 @@ class AdamW(torch.optim.AdamW):
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key].masked_fill_(mask, 0.0)
+
+    @torch.no_grad()
+    def state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copies of `param`'s AdamW moments at positions `index` along `dim` (for `restore_state_rows`)."""
+        state = self.state.get(param, {})
+        return {key: state[key].index_select(dim, index) for key in ("exp_avg", "exp_avg_sq") if key in state}
+
+    @torch.no_grad()
+    def restore_state_rows(self, param: torch.nn.Parameter, dim: int, index: torch.Tensor, saved: dict) -> None:
+        """Put back what `state_rows` copied; moments created since then are zeroed there."""
+        state = self.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                if key in saved:
+                    state[key].index_copy_(dim, index, saved[key])
+                else:
+                    state[key].index_fill_(dim, index, 0.0)
 
 
 _GROUP_KEYS = ("params", "max_lr", "min_lr", "weight_decay", "maximize", "lr_scale")

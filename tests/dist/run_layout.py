@@ -11,7 +11,8 @@ PP stages, and how many optimizer-state elements each rank holds; plus "tied_cop
 full tensor} when a last pipeline stage holds a copy of the tied embedding, and "masks" = {module name: full
 boolean `weight_mask`} when a method (MST) installed masks. With `DUMMY_METHOD=1` the contract-test method
 (`tests/dist/dummy_method.py`) is registered (`--dummy` turns it on) and "method" = {"events": its event
-counts, "ema": {global layer index: value}} is added.
+counts, "ema": {global layer index: value}} is added. With `--sat`, "sat" = one entry per rank: {"tp", "dp",
+"pp": its coordinates, "selections": [per iteration: {global layer: (kept query groups, kept channels)}]}.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def main() -> None:
     if os.environ.get("DUMMY_METHOD") == "1":
         methods.REGISTRY["dummy"] = "tests.dist.dummy_method"
     trainer = Trainer(config_from_args(parse_args(flags)))
+    sat = trainer.methods.get("sat")
+    selections = []
+    if sat is not None:  # record each iteration's selection (global indices of this rank's shard)
+        select = sat.before_iteration
+        sat.before_iteration = lambda it: (select(it), selections.append(sat.global_selections()))
     result = trainer.train()
     pstate, models = trainer.pstate, trainer.model
     dummy = trainer.methods.get("dummy")
@@ -94,8 +100,15 @@ def main() -> None:
     if dist.is_initialized():
         optimizer_numel = [None] * dist.get_world_size()
         dist.all_gather_object(optimizer_numel, optimizer_state_numel(trainer.optimizer))
+    sat_runs = None
+    if sat is not None:
+        sat_runs = [{"tp": pstate.tp_rank, "dp": pstate.dp_rank, "pp": pstate.pp_rank, "selections": selections}]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sat_runs[0])
+            sat_runs = gathered
     if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
+        torch.save({"sat": sat_runs, "losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
                     "tied_copies": tied_copies, "masks": masks, "method": method}, out)
     shutdown_distributed()
 

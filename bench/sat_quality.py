@@ -1,0 +1,106 @@
+"""SAT in its setting, continued pretraining, on CPU: quality at equal tokens, at equal wall-clock time, and
+the ablations the paper implies (the ladder vs a constant omission rate; wanda vs random importance).
+
+1. pretrain a small LLaMA-shaped model dense on the shipped corpus (`--pretrain-iters`), save it;
+2. continue it (`--load ... --finetune`, same data order, seed and LR schedule) for `--iters` iterations:
+   dense; SAT with the default flags (ladder ending dense); SAT at a constant rate (`--sat-lors-start 1`);
+   SAT with `--sat-importance random`;
+3. a dense continuation given SAT's wall-clock time (its iteration count scaled by SAT's time / dense time).
+Prints each run's final validation loss, the gap to dense, training FLOPs saved and wall-clock minutes.
+Figures are measured, never asserted; on a loaded machine the wall-clock figures are noisy.
+
+    .venv/bin/python bench/sat_quality.py                                # ~15-40 min on 2 CPU cores
+    .venv/bin/python bench/sat_quality.py --pretrain-iters 100 --iters 60  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mst_quality import prepare_data  # noqa: E402
+
+from megatron_eff.arguments import config_from_args, parse_args  # noqa: E402
+from megatron_eff.training.trainer import Trainer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "sat_bench"))
+    p.add_argument("--pretrain-iters", type=int, default=300)
+    p.add_argument("--iters", type=int, default=150, help="continued-pretraining iterations")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--eval-iters", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args()
+
+
+def run(args, tokenizer: str, blend: list[str], iters: int, lr: float, extra: list[str]) -> tuple[float, object, float]:
+    """(final validation loss, the SAT method or None, seconds)."""
+    flags = [
+        "--num-layers", str(args.layers), "--hidden-size", str(args.hidden), "--num-attention-heads", str(args.heads),
+        "--ffn-hidden-size", str(args.ffn), "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type",
+        "rope", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--seq-length", str(args.seq),
+        "--max-position-embeddings", str(args.seq), "--micro-batch-size", str(args.micro_batch),
+        "--global-batch-size", str(args.global_batch), "--train-iters", str(iters), "--lr", str(lr),
+        "--min-lr", str(lr / 10), "--lr-warmup-iters", str(max(1, iters // 20)), "--lr-decay-style", "cosine",
+        "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", str(args.seed), "--data-path", *blend,
+        "--split", "95,5,0", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer,
+        "--log-interval", str(max(1, iters // 5)), "--eval-interval", str(iters), "--eval-iters", str(args.eval_iters),
+        *extra,
+    ]
+    start = time.time()
+    trainer = Trainer(config_from_args(parse_args(flags)))
+    result = trainer.train()
+    return result.valid_losses[iters], trainer.methods.get("sat"), time.time() - start
+
+
+def main() -> None:
+    args = parse()
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer, blend = prepare_data(args.out)
+    dense_ckpt = os.path.join(args.out, "dense_ckpt")
+    print(f"== dense pretraining, {args.pretrain_iters} iterations", flush=True)
+    pre_loss, _, _ = run(args, tokenizer, blend, args.pretrain_iters, 2e-3, ["--save", dense_ckpt])
+    cont = ["--load", dense_ckpt, "--finetune"]
+    variants = [("dense", []), ("SAT (defaults: LORS ending dense)", ["--sat"]),
+                ("SAT constant rate (no ladder)", ["--sat", "--sat-lors-start", "1"]),
+                ("SAT random importance", ["--sat", "--sat-importance", "random"])]
+    results = []
+    for name, extra in variants:
+        print(f"== continued pretraining: {name}", flush=True)
+        results.append((name, *run(args, tokenizer, blend, args.iters, 5e-4, [*cont, *extra])))
+    dense_s, sat_s = results[0][3], results[1][3]
+    equal_time_iters = max(1, round(args.iters * sat_s / dense_s))
+    print(f"== dense continuation in SAT's wall-clock time: {equal_time_iters} iterations", flush=True)
+    results.append((f"dense, SAT's wall-clock ({equal_time_iters} its)",
+                    *run(args, tokenizer, blend, equal_time_iters, 5e-4, cont)))
+    dense_loss = results[0][1]
+    tokens = args.iters * args.global_batch * args.seq
+    print(f"\n== SAT continued pretraining: {args.layers}L h{args.hidden} {args.heads} heads ffn {args.ffn} seq "
+          f"{args.seq}; dense pretraining {args.pretrain_iters} its (val loss {pre_loss:.4f}), then {args.iters} "
+          f"its = {tokens:,} tokens")
+    print("| run | val loss | val ppl | vs dense (loss) | training FLOPs | wall-clock |")
+    print("|---|---|---|---|---|---|")
+    for name, loss, sat, seconds in results:
+        saved = f"{sat.saved_x():.2f}x fewer" if sat is not None else "1x"
+        print(f"| {name} | {loss:.4f} | {math.exp(loss):.2f} | {100 * (loss / dense_loss - 1):+.2f} % | {saved} | "
+              f"{seconds / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Unit importance and selection: which heads (query groups) and MLP channels one layer keeps this step.
+
+Scores are per *unit* (a query group with its q heads, k and v; or an MLP channel) of this TP rank's shard:
+
+- `wanda`: s_u = sum over the unit's rows r of the column linear (QKV rows of the group; SwiGLU: gate and up
+  rows of the channel) of sum_i |W[r, i]| * rms(X[:, i]); X is the layer's (normed) input, its per-feature
+  RMS a running average over earlier iterations (so the selection is known before the projections run:
+  the causality constraint). Cost O(rows * h) per layer, against O(tokens * rows * h) for the GEMM.
+- `magnitude`: the same with rms = 1.
+- `ema`: a running average of the unit's output mean square (the head's context, the channel's activation)
+  from the iterations that computed it; units never computed score +inf (each is tried once).
+- `random`: uniform scores drawn from a generator keyed by (seed, iteration, layer, kind, block).
+
+Selection works in equal *blocks* of consecutive units, each keeping the same count (TP rank r's shard is
+blocks r*B/tp .. (r+1)*B/tp - 1 in global order), so with B = TP size each rank keeps the same count from its own
+shard without communication and the result does not depend on the layout. `topk` keeps the highest scores
+(ranked at bfloat16 precision, ties to the lower index, so float reduction order across layouts cannot swap
+near-ties); `sample` draws without replacement in proportion to the score (Gumbel top-k, keyed generator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def unit_generator(seed: int, iteration: int, layer: int, kind: str, block: int) -> torch.Generator:
+    digest = hashlib.sha256(f"sat:{seed}:{iteration}:{layer}:{kind}:{block}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def wanda_scores(rows: torch.Tensor, input_rms: torch.Tensor | None) -> torch.Tensor:
+    """`rows` `[units, rows per unit, h]` (a view of the column linear's weight), `input_rms` `[h]` (None:
+    magnitude) -> `[units]`."""
+    weight = rows.detach().abs().float()
+    if input_rms is None:
+        return weight.sum(dim=(1, 2))
+    return (weight @ input_rms.float()).sum(dim=1)
+
+
+def keep_count(num_units: int, rate: float) -> int:
+    """Units kept of `num_units` at omission rate `rate` (at least one)."""
+    return max(1, round((1.0 - rate) * num_units))
+
+
+def select_units(scores: torch.Tensor, num_blocks: int, keep_per_block: int, mode: str,
+                 generator_of_block) -> torch.Tensor:
+    """Sorted local indices of the kept units: `scores` `[units]` of this shard split into `num_blocks` equal
+    blocks, `keep_per_block` from each. `generator_of_block(j)`: the generator of local block j (`sample`)."""
+    per_block = scores.numel() // num_blocks
+    kept = []
+    for j, block in enumerate(scores.float().cpu().split(per_block)):
+        if mode == "sample":  # Gumbel top-k: without replacement, proportional to the score
+            noise = torch.rand(per_block, generator=generator_of_block(j), dtype=torch.float64)
+            key = block.double().clamp_min(1e-30).log() - torch.log(-torch.log(noise.clamp_min(1e-300)))
+        else:
+            key = block.to(torch.bfloat16).float()
+        order = torch.sort(key, descending=True, stable=True).indices
+        kept.append(order[:keep_per_block] + j * per_block)
+    return torch.sort(torch.cat(kept)).values.to(scores.device)

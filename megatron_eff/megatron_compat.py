@@ -62,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-samples", type=int, help="LR decay length in samples (sample-based training)")
     g.add_argument("--lr-warmup-fraction", type=float,
                    help="LR warm-up as a fraction of the decay length (instead of --lr-warmup-iters/-samples)")
-    g.add_argument("--context-parallel-size", type=int, default=1,
-                   help="context parallelism; only 1 (none) is implemented")
     g.add_argument("--manual-gc", action="store_true",
                    help="disable Python's automatic garbage collection; collect every --manual-gc-interval "
                         "iterations instead (fewer pauses at random points of the step)")
@@ -98,9 +96,6 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     for flag, why in NOT_SUPPORTED.items():
         if _given(args, flag):
             raise ValueError(f"{flag}: {why}")
-    if args.context_parallel_size != 1:
-        raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
-                         "implemented; use 1 (split long sequences with --sequence-parallel under TP instead)")
     notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
     if args.train_samples is None and args.train_iters is None:
         args.train_iters = DEFAULT_TRAIN_ITERS

@@ -84,7 +84,7 @@ def finalize_gradients(params: list[torch.nn.Parameter], pstate: ParallelState) 
     tied = [p.grad for p in params if p.grad is not None and getattr(p, "shared_embedding", False)]
     if pstate.pp_size > 1:
         _all_reduce_flat(tied, pstate.embedding_group, average=False)
-    _all_reduce_flat(grads, pstate.dp_group, average=True)
+    _all_reduce_flat(grads, pstate.grad_group, average=True)  # DP (x CP: the same weights, other tokens)
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _plan_buckets(params, pstate: ParallelState, bucket_size: int) -> tuple[list
         for p in members:
             offsets[p] = offset
             offset += p.numel()
-        offset = start + -(-(offset - start) // pstate.dp_size) * pstate.dp_size  # pad to a multiple of dp
+        offset = start + -(-(offset - start) // pstate.grad_size) * pstate.grad_size  # pad to a multiple of dp
         buckets.append(Bucket(list(members), start, offset, is_deferred))
 
     members, filled = [], 0
@@ -142,7 +142,8 @@ class GradSync:
     def __init__(self, params, pstate: ParallelState, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
                  overlap: bool = False, shard: bool = False, overlap_param_gather: bool = False):
         self.params = [p for p in params if p.requires_grad]
-        self.pstate, self.dp_group, self.dp_size = pstate, pstate.dp_group, pstate.dp_size
+        # Reduced (and, sharded, owned) over data x context parallel: CP ranks hold the same weights.
+        self.pstate, self.dp_group, self.dp_size = pstate, pstate.grad_group, pstate.grad_size
         self.overlap, self.shard = overlap and self.dp_size > 1, shard
         self.overlap_param_gather = overlap_param_gather and shard and self.dp_size > 1
         self.buckets, self.offsets, total = _plan_buckets(self.params, pstate, bucket_size)
@@ -170,7 +171,7 @@ class GradSync:
         if not self.shard:
             return bucket.start, bucket.end
         size = bucket.numel // self.dp_size
-        lo = bucket.start + self.pstate.dp_rank * size
+        lo = bucket.start + self.pstate.grad_rank * size
         return lo, lo + size
 
     def start(self, num_micro_batches: int) -> None:

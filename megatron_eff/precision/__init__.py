@@ -96,13 +96,13 @@ class PrecisionRuntime:
         return both
 
     def _amax_group(self):
-        """TE's fp8_group: the TP x DP ranks of this pipeline stage (Megatron-LM's amax reduction group).
-        Ranks are tp fastest, then dp, then pp, so stage p holds ranks [p tp dp, (p + 1) tp dp)."""
+        """TE's fp8_group: the TP x CP x DP ranks of this pipeline stage (Megatron-LM's amax reduction group).
+        Ranks are tp fastest, then cp, dp, pp, so stage p holds ranks [p tp cp dp, (p + 1) tp cp dp)."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
             return None
-        per_stage, mine = self.pstate.tp_size * self.pstate.dp_size, None
+        per_stage, mine = self.pstate.tp_size * self.pstate.cp_size * self.pstate.dp_size, None
         for stage in range(self.pstate.pp_size):  # collective: every rank creates every stage's group
             group = dist.new_group(list(range(stage * per_stage, (stage + 1) * per_stage)))
             if stage == self.pstate.pp_rank:
@@ -132,7 +132,7 @@ class PrecisionRuntime:
         if self.fp8_recipe is not None:
             from megatron_eff.precision.fp8 import update_fp8_meta
 
-            update_fp8_meta(self.model, self.fp8_recipe, (self.pstate.tp_group, self.pstate.dp_group))
+            update_fp8_meta(self.model, self.fp8_recipe, (self.pstate.tp_group, self.pstate.grad_group))
 
     def state_tensors(self) -> dict:
         """Checkpoint tensors: local FP8 buffers and the loss scaler's state (replicated on every rank)."""

@@ -172,6 +172,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1  # sequence split over this many ranks (parallel/context_parallel.py)
+    cp_comm_type: str = "p2p"  # CP attention: p2p (ring, send/recv) | allgather (all-gathered K/V)
     num_layers_per_virtual_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
@@ -191,6 +192,10 @@ class ParallelConfig:
         require(
             self.context_parallel_size >= 1,
             f"--context-parallel-size must be >= 1, got {self.context_parallel_size}",
+        )
+        require(
+            self.cp_comm_type in ("p2p", "allgather"),
+            f"--cp-comm-type must be p2p or allgather, got {self.cp_comm_type!r}",
         )
         require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
@@ -242,6 +247,11 @@ class ParallelConfig:
             + (f" x --num-layers-per-virtual-pipeline-stage {vpp}" if vpp else ""),
         )
         cp = self.context_parallel_size
+        require(
+            cp == 1 or self.cp_comm_type != "p2p" or model.attention_dropout == 0.0,
+            f"--attention-dropout {model.attention_dropout} is not supported by --cp-comm-type p2p (ring "
+            "attention); use --cp-comm-type allgather",
+        )
         require(
             cp == 1 or model.seq_length % (2 * cp) == 0,
             f"--seq-length {model.seq_length} is not divisible by 2 x --context-parallel-size {cp} "

@@ -72,16 +72,19 @@ def test_world_size_must_hold_cp():
     assert config.parallel.data_parallel_size(8) == 2
 
 
-def test_attention_cp2_matches_single_process(tmp_path):
-    """Forward output, input gradient and (CP-summed) weight gradients of a RoPE GQA attention layer."""
+@pytest.mark.parametrize("comm_type, cp", [("p2p", 2), ("allgather", 2), ("p2p", 3)])
+def test_attention_matches_single_process(tmp_path, comm_type, cp):
+    """Forward output, input gradient and (CP-summed) weight gradients of a RoPE GQA attention layer; cp = 3
+    runs the ring through more hops than the mirrored pair of cp = 2."""
     out = tmp_path / "attn.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(ROOT / "tests" / "dist" / "run_cp_attention.py"), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "dist" / "run_cp_attention.py"),
+           str(out), comm_type]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = torch.load(out)
-    assert result["positions"] == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
+    assert result["positions"] == [load_balanced_positions(8 * cp, r, cp).tolist() for r in range(cp)]
     for key in ("out_diff", "input_grad_diff", "weight_grad_diff"):
         assert result[key] <= 1e-10, (key, result[key])
 

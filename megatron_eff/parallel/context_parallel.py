@@ -11,13 +11,16 @@ work (an early chunk attends to little, its partner late chunk to much):
 (tokens, labels, loss mask); the model then runs on `[s/cp, b, h]` activations and places its position
 embeddings (learned or RoPE) at the global positions `ContextParallel.positions` gives.
 
-Attention (`ContextParallel.attention`): the keys and values of all CP ranks are all-gathered (one
-collective for both; the backward reduce-scatters their gradients, so each rank's K/V receive the gradient
-of every rank's queries), and the local queries attend to them under the causal mask of their *global*
-positions (`q_pos >= k_pos`). Keys need not be put back in sequence order: softmax does not care about
-the order of the keys, only the mask does. This is Megatron-LM's `--cp-comm-type allgather` (the scheme
-of the Llama 3 paper); it is plain `torch.distributed`, so it runs on gloo and CPU as on NCCL. Memory: the
-score matrix and every activation outside attention shrink by cp; the gathered K/V are full length.
+Attention (`ContextParallel.attention`), under the causal mask of *global* positions (`q_pos >= k_pos`), in
+one of two ways (`--cp-comm-type`, Megatron-LM's names), both plain `torch.distributed` (gloo/CPU and NCCL):
+
+- `p2p` (default, as Megatron-LM): ring attention, `parallel/ring_attention.py`. K/V blocks travel around
+  the CP group by send/recv while each rank attends to the block it holds (online softmax); one block at a
+  time besides its own. No attention dropout.
+- `allgather`: the keys and values of all CP ranks are all-gathered (one collective for both; the backward
+  reduce-scatters their gradients, so each rank's K/V receive the gradient of every rank's queries), and
+  SDPA runs with the mask. Keys need not be put back in sequence order: softmax does not care about the
+  order of the keys, only the mask does (the scheme of the Llama 3 paper). Holds full-length K/V.
 
 Loss: each CP rank sums the token losses of its positions. The loss function returns `cp x local sum` with
 the micro-batch's token count over the whole CP group, so the data x context-parallel gradient average
@@ -33,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_eff.parallel import mappings
+from megatron_eff.parallel.ring_attention import ring_attention
 from megatron_eff.parallel.state import ParallelState
 
 
@@ -60,12 +64,13 @@ class ContextParallel:
     group: object
     rank: int
     size: int
+    comm_type: str = "p2p"  # p2p (ring attention) | allgather
 
     @classmethod
     def from_state(cls, pstate: ParallelState) -> ContextParallel | None:
         if pstate.cp_size == 1:
             return None
-        return cls(pstate.cp_group, pstate.cp_rank, pstate.cp_size)
+        return cls(pstate.cp_group, pstate.cp_rank, pstate.cp_size, pstate.cp_comm_type)
 
     def positions(self, local_length: int, device: torch.device | None = None) -> torch.Tensor:
         """Global positions `[s/cp]` of this rank's `local_length` = s/cp tokens."""
@@ -90,6 +95,11 @@ class ContextParallel:
         """Causal attention of the local queries over the CP group's keys: q `[s/cp, b, nq, d]`, k/v
         `[s/cp, b, g, d]` -> `[s/cp, b, nq * d]`."""
         local = q.shape[0]
+        if self.comm_type == "p2p":
+            block_positions = self.all_positions(local, q.device).view(self.size, local)
+            out = ring_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                 self.positions(local, q.device), block_positions, self.group)  # [b, nq, s/cp, d]
+            return out.permute(2, 0, 1, 3).reshape(local, q.shape[1], -1)
         kv = mappings.gather_from_sequence_parallel_region(torch.stack((k, v)).transpose(0, 1), self.group)
         k_all, v_all = kv.unbind(1)  # [s, b, g, d] each, in rank order
         q_pos = self.positions(local, q.device)

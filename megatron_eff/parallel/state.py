@@ -39,6 +39,7 @@ class ParallelState:
     pp_group: object | None = None
     dp_group: object | None = None
     cp_group: object | None = None
+    cp_comm_type: str = "p2p"  # how attention reaches the other CP ranks' keys/values: p2p (ring) | allgather
     dp_cp_group: object | None = None  # dp x cp: gradient reduction and the distributed optimizer's shards
     model_parallel_group: object | None = None  # tp x pp: for the global grad norm across the model
     embedding_group: object | None = None  # first and last pipeline stage (tied embedding grads)
@@ -157,7 +158,7 @@ def communication_device() -> torch.device:
 
 
 def initialize_parallel_state(tp: int = 1, pp: int = 1, num_layers_per_vpp_chunks: int = 1, cp: int = 1,
-                              ) -> ParallelState:
+                              cp_comm_type: str = "p2p") -> ParallelState:
     """Create every TP/CP/PP/DP group (collectively, in the same order on all ranks) for tensor-parallel size
     `tp`, context-parallel size `cp` and pipeline-parallel size `pp` (DP takes the rest of the world) and
     return this rank's."""
@@ -176,7 +177,7 @@ def initialize_parallel_state(tp: int = 1, pp: int = 1, num_layers_per_vpp_chunk
     tp_rank, dp_rank, pp_rank = coordinates_of(rank, tp, dp, cp)
     state = ParallelState(
         tp_size=tp, pp_size=pp, dp_size=dp, cp_size=cp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
-        cp_rank=cp_coordinate_of(rank, tp, cp), rank=rank, world_size=world,
+        cp_rank=cp_coordinate_of(rank, tp, cp), cp_comm_type=cp_comm_type, rank=rank, world_size=world,
         virtual_pp_size=num_layers_per_vpp_chunks,
     )
     groups = group_ranks(tp, dp, pp, cp)

@@ -282,7 +282,8 @@ class Trainer:
         parallel = config.parallel
         self.pstate = pstate = initialize_parallel_state(parallel.tensor_model_parallel_size,
                                                          parallel.pipeline_model_parallel_size,
-                                                         cp=parallel.context_parallel_size)
+                                                         cp=parallel.context_parallel_size,
+                                                         cp_comm_type=parallel.cp_comm_type)
         self.device = device_for_run()
         set_seed(config.train.seed)
         self.model = model_chunks(build_model(config, pstate, self.device))

@@ -1,12 +1,12 @@
 """Context-parallel attention against the single-process layer, in one torchrun launch (float64).
 
-    torchrun --nproc_per_node 2 tests/dist/run_cp_attention.py OUT.pt
+    torchrun --nproc_per_node 2 tests/dist/run_cp_attention.py OUT.pt {p2p,allgather}
 
 Every rank builds the same `SelfAttention` (RoPE, GQA) twice from one seed: once without parallelism (the
 reference, run on the whole sequence) and once with CP = world size (run on this rank's load-balanced
-positions). Writes `OUT.pt` from rank 0 = {"out_diff", "input_grad_diff", "weight_grad_diff", "positions"}:
-the largest absolute differences of the layer output and input gradient at this rank's positions (max over
-ranks) and of the weight gradients summed over the CP group, which must equal the reference's.
+positions, with the CP attention of the second argument). Writes `OUT.pt` from rank 0 = {"out_diff",
+"input_grad_diff", "weight_grad_diff", "positions"}: the largest absolute differences of the layer output and
+input gradient at this rank's positions (max over ranks) and of the weight gradients summed over the CP group, which must equal the reference's.
 """
 
 from __future__ import annotations
@@ -22,19 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_eff.config import ModelConfig  # noqa: E402
 from megatron_eff.model.attention import SelfAttention  # noqa: E402
 from megatron_eff.model.local_backend import LocalBackend  # noqa: E402
+from megatron_eff.parallel.layers import init_parallel_parameters  # noqa: E402
 from megatron_eff.parallel.state import ParallelState, initialize_parallel_state  # noqa: E402
 
 
 def build(config: ModelConfig, pstate: ParallelState) -> SelfAttention:
-    torch.manual_seed(0)
-    return SelfAttention(config, LocalBackend(config, pstate, sequence_parallel=False), layer_number=0)
+    layer = SelfAttention(config, LocalBackend(config, pstate, sequence_parallel=False), layer_number=0)
+    init_parallel_parameters(layer.named_parameters(), seed=0)  # the same weights in both
+    return layer
 
 
 def main() -> None:
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo")
     cp = dist.get_world_size()
-    pstate = initialize_parallel_state(cp=cp)
+    pstate = initialize_parallel_state(cp=cp, cp_comm_type=sys.argv[2])
     config = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
                          seq_length=8 * cp, max_position_embeddings=8 * cp, position_embedding_type="rope",
                          normalization="RMSNorm", swiglu=True, add_bias_linear=False, vocab_size=64)
@@ -54,13 +56,14 @@ def main() -> None:
     out = layer(x_local)
     out.backward(grad_out[positions])
 
+    assert torch.isfinite(out_ref).all() and out_ref.abs().max() > 0
     diffs = torch.tensor([
         (out - out_ref[positions]).abs().max().item(),
         (x_local.grad - x_ref.grad[positions]).abs().max().item(),
     ])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
     weight_diff = 0.0
-    for (name, p), (_, p_ref) in zip(layer.named_parameters(), reference.named_parameters()):
+    for p, p_ref in zip(layer.parameters(), reference.parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad)  # each rank's queries give part of the weight gradient: they add up
         weight_diff = max(weight_diff, (grad - p_ref.grad).abs().max().item())

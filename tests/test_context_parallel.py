@@ -89,19 +89,38 @@ def test_attention_matches_single_process(tmp_path, comm_type, cp):
         assert result[key] <= 1e-10, (key, result[key])
 
 
-@pytest.fixture(scope="module")
-def llama_reference(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("cp") / "llama_ref.pt", TINY_FLAGS)
-
-
 @pytest.mark.slow
 def test_llama_cp2_training_matches_single_process(tmp_path, llama_reference):
-    """RoPE, GQA, SwiGLU: 5 steps of training, losses and every parameter."""
+    """RoPE, GQA, SwiGLU: 5 steps of training with ring attention, losses and every parameter."""
     assert_same_run(run_layout(tmp_path / "cp2.pt", [*TINY_FLAGS, *CP2], 2), llama_reference)
 
 
 @pytest.mark.slow
-def test_gpt_cp2_training_matches_single_process(tmp_path):
+def test_gpt_cp2_allgather_training_matches_single_process(tmp_path, gpt_reference):
     """Learned absolute positions (placed at the global positions), LayerNorm, biases, tied embeddings."""
-    reference = run_layout(tmp_path / "gpt_ref.pt", GPT_TINY_FLAGS)
-    assert_same_run(run_layout(tmp_path / "gpt_cp2.pt", [*GPT_TINY_FLAGS, *CP2], 2), reference)
+    flags = [*GPT_TINY_FLAGS, *CP2, "--cp-comm-type", "allgather"]
+    assert_same_run(run_layout(tmp_path / "gpt_cp2.pt", flags, 2), gpt_reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [
+    pytest.param(["--tensor-model-parallel-size", "2", "--sequence-parallel"], id="cp2-tp2-sp"),
+    pytest.param(["--use-distributed-optimizer", "--overlap-grad-reduce"], id="cp2-dp2-distopt"),
+])
+def test_cp2_composes_with_tp_and_dp(tmp_path, llama_reference, flags):
+    run = run_layout(tmp_path / "cp2x2.pt", [*TINY_FLAGS, *CP2, *flags], 4)
+    assert_same_run(run, llama_reference)
+
+
+@pytest.mark.slow
+def test_cp2_checkpoint_resumes_in_one_process(tmp_path, llama_reference):
+    """Saved under CP2 (distributed optimizer: its moments sharded over the CP ranks) after 3 of 5 iterations,
+    resumed without CP: iterations 4-5 and the final weights match the straight single-process run."""
+    ckpt = tmp_path / "ckpt"
+    run_layout(tmp_path / "first.pt", [*TINY_FLAGS, *CP2, "--use-distributed-optimizer", "--exit-interval", "3",
+                                       "--save", str(ckpt)], 2)
+    resumed = run_layout(tmp_path / "resumed.pt", [*TINY_FLAGS, "--load", str(ckpt)])
+    assert resumed["losses"] == pytest.approx(llama_reference["losses"][3:], rel=1e-5)
+    for name, ref in llama_reference["params"].items():
+        diff = (resumed["params"][name] - ref).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max abs diff {diff}"

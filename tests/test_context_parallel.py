@@ -72,14 +72,15 @@ def test_world_size_must_hold_cp():
     assert config.parallel.data_parallel_size(8) == 2
 
 
-@pytest.mark.parametrize("comm_type, cp", [("p2p", 2), ("allgather", 2), ("p2p", 3)])
+@pytest.mark.parametrize("comm_type, cp", [("p2p", 2), ("allgather", 2), ("p2p", 3), ("p2p matmul", 3)])
 def test_attention_matches_single_process(tmp_path, comm_type, cp):
     """Forward output, input gradient and (CP-summed) weight gradients of a RoPE GQA attention layer; cp = 3
-    runs the ring through more hops than the mirrored pair of cp = 2."""
+    runs the ring through more hops than the mirrored pair of cp = 2; `matmul` the ring's blocks without the
+    CPU flash kernels (the path other devices take)."""
     out = tmp_path / "attn.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "tests" / "dist" / "run_cp_attention.py"),
-           str(out), comm_type]
+           str(out), *comm_type.split()]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -106,8 +107,9 @@ def test_gpt_cp2_allgather_training_matches_single_process(tmp_path, gpt_referen
 @pytest.mark.parametrize("flags", [
     pytest.param(["--tensor-model-parallel-size", "2", "--sequence-parallel"], id="cp2-tp2-sp"),
     pytest.param(["--use-distributed-optimizer", "--overlap-grad-reduce"], id="cp2-dp2-distopt"),
+    pytest.param(["--pipeline-model-parallel-size", "2"], id="cp2-pp2"),
 ])
-def test_cp2_composes_with_tp_and_dp(tmp_path, llama_reference, flags):
+def test_cp2_composes_with_tp_dp_pp(tmp_path, llama_reference, flags):
     run = run_layout(tmp_path / "cp2x2.pt", [*TINY_FLAGS, *CP2, *flags], 4)
     assert_same_run(run, llama_reference)
 

@@ -1,10 +1,11 @@
 """Context-parallel attention against the single-process layer, in one torchrun launch (float64).
 
-    torchrun --nproc_per_node 2 tests/dist/run_cp_attention.py OUT.pt {p2p,allgather}
+    torchrun --nproc_per_node 2 tests/dist/run_cp_attention.py OUT.pt {p2p,allgather} [matmul]
 
 Every rank builds the same `SelfAttention` (RoPE, GQA) twice from one seed: once without parallelism (the
 reference, run on the whole sequence) and once with CP = world size (run on this rank's load-balanced
-positions, with the CP attention of the second argument). Writes `OUT.pt` from rank 0 = {"out_diff",
+positions, with the CP attention of the second argument; `matmul`: the ring's blocks without PyTorch's CPU
+flash kernels). Writes `OUT.pt` from rank 0 = {"out_diff",
 "input_grad_diff", "weight_grad_diff", "positions"}: the largest absolute differences of the layer output and
 input gradient at this rank's positions (max over ranks) and of the weight gradients summed over the CP group, which must equal the reference's.
 """
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_eff.config import ModelConfig  # noqa: E402
 from megatron_eff.model.attention import SelfAttention  # noqa: E402
 from megatron_eff.model.local_backend import LocalBackend  # noqa: E402
+from megatron_eff.parallel import ring_attention  # noqa: E402
 from megatron_eff.parallel.layers import init_parallel_parameters  # noqa: E402
 from megatron_eff.parallel.state import ParallelState, initialize_parallel_state  # noqa: E402
 
@@ -34,6 +36,7 @@ def build(config: ModelConfig, pstate: ParallelState) -> SelfAttention:
 
 def main() -> None:
     torch.set_default_dtype(torch.float64)
+    ring_attention.USE_CPU_FLASH_KERNELS = sys.argv[3:] != ["matmul"]
     dist.init_process_group("gloo")
     cp = dist.get_world_size()
     pstate = initialize_parallel_state(cp=cp, cp_comm_type=sys.argv[2])

@@ -65,6 +65,15 @@ def test_seq_length_must_divide_into_2cp_chunks(seq, cp):
         config_from_args(parse_args(flags))
 
 
+def test_ring_attention_refuses_attention_dropout():
+    """The ring's hand-written backward has no dropout; all-gathered K/V go through SDPA, which has."""
+    with pytest.raises(ValueError, match="--attention-dropout 0.1 is not supported by --cp-comm-type p2p"):
+        config_from_args(parse_args([*TINY_FLAGS, *CP2, "--attention-dropout", "0.1"]))
+    config = config_from_args(parse_args([*TINY_FLAGS, *CP2, "--attention-dropout", "0.1", "--cp-comm-type",
+                                          "allgather"]))
+    assert config.parallel.cp_comm_type == "allgather"
+
+
 def test_world_size_must_hold_cp():
     config = config_from_args(parse_args([*TINY_FLAGS, *CP2, "--tensor-model-parallel-size", "2"]))
     with pytest.raises(ValueError, match="--context-parallel-size 2"):

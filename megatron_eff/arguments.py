@@ -81,6 +81,12 @@ def _parallel_group(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split each sequence over this many ranks (load-balanced causal chunks, attention "
+                        "over the whole sequence, --cp-comm-type); --seq-length must be divisible by 2 x this")
+    g.add_argument("--cp-comm-type", choices=("p2p", "allgather"), default="p2p",
+                   help="context-parallel attention: p2p = ring attention, K/V blocks passed by send/recv "
+                        "(default, as Megatron-LM); allgather = all-gather K/V once, then masked SDPA")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
@@ -291,6 +297,8 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+            cp_comm_type=args.cp_comm_type,
             num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
             sequence_parallel=args.sequence_parallel,
             use_distributed_optimizer=args.use_distributed_optimizer,

@@ -174,6 +174,8 @@ MODEL_PRESETS: dict[str, dict] = {
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1  # sequence split over this many ranks (parallel/context_parallel.py)
+    cp_comm_type: str = "p2p"  # CP attention: p2p (ring, send/recv) | allgather (all-gathered K/V)
     num_layers_per_virtual_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
@@ -193,6 +195,14 @@ class ParallelConfig:
             f"--pipeline-model-parallel-size must be >= 1, got {self.pipeline_model_parallel_size}",
         )
         require(
+            self.context_parallel_size >= 1,
+            f"--context-parallel-size must be >= 1, got {self.context_parallel_size}",
+        )
+        require(
+            self.cp_comm_type in ("p2p", "allgather"),
+            f"--cp-comm-type must be p2p or allgather, got {self.cp_comm_type!r}",
+        )
+        require(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
         )
@@ -205,12 +215,13 @@ class ParallelConfig:
         )
 
     def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        cp = self.context_parallel_size
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * cp
         require(
             world_size % model_parallel == 0,
             f"world size {world_size} is not divisible by --tensor-model-parallel-size "
             f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
-            f"{self.pipeline_model_parallel_size}",
+            f"{self.pipeline_model_parallel_size}" + (f" x --context-parallel-size {cp}" if cp > 1 else ""),
         )
         return world_size // model_parallel
 
@@ -242,11 +253,22 @@ class ParallelConfig:
             f"--num-layers {model.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
             + (f" x --num-layers-per-virtual-pipeline-stage {vpp}" if vpp else ""),
         )
+        cp = self.context_parallel_size
+        require(
+            cp == 1 or self.cp_comm_type != "p2p" or model.attention_dropout == 0.0,
+            f"--attention-dropout {model.attention_dropout} is not supported by --cp-comm-type p2p (ring "
+            "attention); use --cp-comm-type allgather",
+        )
+        require(
+            cp == 1 or model.seq_length % (2 * cp) == 0,
+            f"--seq-length {model.seq_length} is not divisible by 2 x --context-parallel-size {cp} "
+            "(context parallelism's load-balanced chunks)",
+        )
         if self.sequence_parallel:
             require(
-                model.seq_length % tp == 0,
-                f"--seq-length {model.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
-                "(needed by --sequence-parallel)",
+                model.seq_length % (tp * cp) == 0,
+                f"--seq-length {model.seq_length} is not divisible by --tensor-model-parallel-size {tp}"
+                + (f" x --context-parallel-size {cp}" if cp > 1 else "") + " (needed by --sequence-parallel)",
             )
 
 

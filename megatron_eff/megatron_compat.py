@@ -55,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--global-batch-size (needs --train-samples, as in Megatron-LM)")
     g.add_argument("--lr-warmup-fraction", type=float,
                    help="LR warm-up as a fraction of the decay length (instead of --lr-warmup-iters/-samples)")
-    g.add_argument("--context-parallel-size", type=int, default=1,
-                   help="context parallelism; only 1 (none) is implemented")
     g.add_argument("--manual-gc", action="store_true",
                    help="disable Python's automatic garbage collection; collect every --manual-gc-interval "
                         "iterations instead (fewer pauses at random points of the step)")
@@ -91,9 +89,6 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     for flag, why in NOT_SUPPORTED.items():
         if _given(args, flag):
             raise ValueError(f"{flag}: {why}")
-    if args.context_parallel_size != 1:
-        raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
-                         "implemented; use 1 (split long sequences with --sequence-parallel under TP instead)")
     notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
     if getattr(args, "tiktoken_pattern", None) and args.tokenizer_type != "TikTokenizer":
         notes.append(f"--tiktoken-pattern: accepted, no effect here: only --tokenizer-type TikTokenizer reads it "

@@ -149,7 +149,9 @@ def main(argv=None) -> int:
         return 2
     init_distributed()
     pstate = initialize_parallel_state(config.parallel.tensor_model_parallel_size,
-                                       config.parallel.pipeline_model_parallel_size)
+                                       config.parallel.pipeline_model_parallel_size,
+                                       cp=config.parallel.context_parallel_size,
+                                       cp_comm_type=config.parallel.cp_comm_type)
     device = device_for_run()
     model = build_model(config, pstate, device)
     named_params = {name: p for chunk in model for name, p in chunk.named_parameters()}

@@ -21,6 +21,10 @@ over them, `linear_proj`'s input columns of their query heads (smaller GEMMs, `p
 result equals the full layer with the other heads' context zeroed. `heads=` needs the `local` backend (TE's
 linears and DotProductAttention have fixed sizes) and no KV cache. The per-head context passes the
 `head_site` (`model/sites.py`) before the output projection.
+
+Context parallelism (`--context-parallel-size`, `parallel/context_parallel.py`): this rank's s/cp tokens sit
+at load-balanced global positions; RoPE rotates them by those positions and the causal attention over the
+CP group's gathered keys/values replaces `core_attention`, whatever the backend.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import nn
 from megatron_eff.config import ModelConfig
 from megatron_eff.model.rope import RotaryEmbedding, apply_rotary
 from megatron_eff.model.sites import Site
+from megatron_eff.parallel.context_parallel import ContextParallel
 from megatron_eff.parallel.layers import scaled_init_std
 
 
@@ -61,6 +66,7 @@ class SelfAttention(nn.Module):
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base)  # --rotary-percent: first dims
         self.head_site = Site("head", layer_number)  # [s, b, heads, d] context, before linear_proj
+        self.context_parallel = ContextParallel.from_state(backend.pstate)  # None without CP
 
     def forward(self, x: torch.Tensor, inference_cache=None, heads: torch.Tensor | None = None) -> torch.Tensor:
         """`[s, b, h]` -> `[s, b, h]`; `heads`: only these local query groups (see the module docstring)."""
@@ -72,7 +78,11 @@ class SelfAttention(nn.Module):
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, qkv.shape[-1] // group_width, self.heads_per_group + 2, self.head_dim)
         if self.rotary is not None:  # rotate q and k of every group in one go
-            if inference_cache is None:
+            if self.context_parallel is not None:  # this rank's tokens sit at load-balanced global positions
+                cos, sin = self.rotary(s * self.context_parallel.size, qkv.device, qkv.dtype)
+                positions = self.context_parallel.positions(s, qkv.device)
+                cos, sin = cos[positions], sin[positions]
+            elif inference_cache is None:
                 cos, sin = self.rotary(s, qkv.device, qkv.dtype)
             else:  # positions offset .. offset + s - 1 (one cos/sin table for the whole generation)
                 cos, sin = self.rotary(inference_cache.max_length, qkv.device, qkv.dtype)
@@ -87,7 +97,12 @@ class SelfAttention(nn.Module):
         if inference_cache is not None:
             out = _in_sdpa_layout(self._cached_attention, q, k, v, inference_cache, dropout)
         elif self.sparse_attention is not None:  # MST's HSA
+            if self.context_parallel is not None:
+                raise ValueError("MST's hybrid sparse attention (--mst-hsa-*) does not support "
+                                 "--context-parallel-size > 1")
             out = _in_sdpa_layout(self.sparse_attention, q, k, v, dropout_p=dropout)
+        elif self.context_parallel is not None:  # causal attention over the whole sequence of the CP group
+            out = self.context_parallel.attention(q, k, v, dropout, gqa=self.heads_per_group > 1)
         else:
             out = self.core_attention(q, k, v)  # [s, b, nq/tp * d]
         q_heads = None if heads is None else _unit_elements(heads, self.heads_per_group)  # query heads present

@@ -32,6 +32,7 @@ from megatron_eff.config import ModelConfig
 from megatron_eff.model.backends import build_backend
 from megatron_eff.model.transformer import TransformerBlock
 from megatron_eff.parallel import mappings
+from megatron_eff.parallel.context_parallel import ContextParallel
 from megatron_eff.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_eff.parallel.layers import (
     ColumnParallelLinear,
@@ -46,11 +47,15 @@ WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 class Embedding(nn.Module):
-    """Token ids `[b, s]` -> hidden `[s, b, h]` (`[s/tp, b, h]` with sequence parallel), then dropout."""
+    """Token ids `[b, s]` -> hidden `[s, b, h]` (`[s/tp, b, h]` with sequence parallel), then dropout.
+    With context parallelism the ids are this rank's s/cp tokens, at the global positions `context_parallel`
+    gives (`parallel/context_parallel.py`)."""
 
-    def __init__(self, config: ModelConfig, tp_group, sequence_parallel: bool):
+    def __init__(self, config: ModelConfig, tp_group, sequence_parallel: bool,
+                 context_parallel: ContextParallel | None = None):
         super().__init__()
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.context_parallel = context_parallel
         self.dropout = config.hidden_dropout
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size(group_size(tp_group)), config.hidden_size, tp_group=tp_group,
@@ -64,7 +69,9 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         x = self.word_embeddings(tokens.t())  # [s, b, h]: looking up transposed ids costs no activation copy
-        if self.position_embeddings is not None:
+        if self.position_embeddings is not None and self.context_parallel is not None:
+            x = x + self.position_embeddings.weight[self.context_parallel.positions(x.shape[0], x.device)].unsqueeze(1)
+        elif self.position_embeddings is not None:
             x = x + self.position_embeddings.weight[position_offset: position_offset + x.shape[0]].unsqueeze(1)
         if self.sequence_parallel:
             x = mappings.scatter_to_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, h]
@@ -96,7 +103,9 @@ class GPTModel(nn.Module):
         backend = build_backend(config, self.pstate, sequence_parallel)
         self.layer_range = layer_range or (0, config.num_layers)
 
-        self.embedding = Embedding(config, tp_group, sequence_parallel) if pre_process else None
+        self.context_parallel = ContextParallel.from_state(self.pstate)  # None without CP
+        self.embedding = (Embedding(config, tp_group, sequence_parallel, self.context_parallel)
+                          if pre_process else None)
         self.decoder = TransformerBlock(config, backend, self.layer_range, post_process)
         self.output_layer = None
         if post_process and not (config.tied_embeddings and pre_process):

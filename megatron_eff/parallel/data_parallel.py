@@ -92,7 +92,7 @@ def finalize_gradients(params: list[torch.nn.Parameter], pstate: ParallelState) 
         _all_reduce_flat(tied, pstate.embedding_group, average=False)
     replicated = [p.grad for p in params if p.grad is not None and _needs_pipeline_reduce(p, pstate)]
     _all_reduce_flat(replicated, pstate.pp_group, average=False)
-    _all_reduce_flat(grads, pstate.dp_group, average=True)
+    _all_reduce_flat(grads, pstate.grad_group, average=True)  # DP (x CP: the same weights, other tokens)
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _plan_buckets(params, pstate: ParallelState, bucket_size: int) -> tuple[list
         for p in members:
             offsets[p] = offset
             offset += p.numel()
-        offset = start + -(-(offset - start) // pstate.dp_size) * pstate.dp_size  # pad to a multiple of dp
+        offset = start + -(-(offset - start) // pstate.grad_size) * pstate.grad_size  # pad to a multiple of dp
         buckets.append(Bucket(list(members), start, offset, is_deferred))
 
     members, filled = [], 0
@@ -152,7 +152,8 @@ class GradSync:
                  overlap: bool = False, shard: bool = False, overlap_param_gather: bool = False,
                  reduce_dtype: torch.dtype | None = None):
         self.params = [p for p in params if p.requires_grad]
-        self.pstate, self.dp_group, self.dp_size = pstate, pstate.dp_group, pstate.dp_size
+        # Reduced (and, sharded, owned) over data x context parallel: CP ranks hold the same weights.
+        self.pstate, self.dp_group, self.dp_size = pstate, pstate.grad_group, pstate.grad_size
         self.overlap, self.shard = overlap and self.dp_size > 1, shard
         self.overlap_param_gather = overlap_param_gather and shard and self.dp_size > 1
         self.buckets, self.offsets, total = _plan_buckets(self.params, pstate, bucket_size)
@@ -183,7 +184,7 @@ class GradSync:
         if not self.shard:
             return bucket.start, bucket.end
         size = bucket.numel // self.dp_size
-        lo = bucket.start + self.pstate.dp_rank * size
+        lo = bucket.start + self.pstate.grad_rank * size
         return lo, lo + size
 
     def start(self, num_micro_batches: int) -> None:

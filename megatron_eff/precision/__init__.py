@@ -86,7 +86,7 @@ class PrecisionRuntime:
         if self.fp8_recipe is not None and self.fp8_recipe.recipe == "delayed":
             from megatron_eff.precision.fp8 import DelayedScalingUpdates
 
-            self.fp8_updates = DelayedScalingUpdates(self.model, self.fp8_recipe, (pstate.tp_group, pstate.dp_group))
+            self.fp8_updates = DelayedScalingUpdates(self.model, self.fp8_recipe, (pstate.tp_group, pstate.grad_group))
 
     def wrap_autocast(self, autocast):
         """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; local delayed FP8: `autocast`, then the
@@ -119,15 +119,15 @@ class PrecisionRuntime:
         return both
 
     def _amax_group(self):
-        """TE's fp8_group: the TP x DP ranks of this pipeline stage (Megatron-LM's amax reduction group).
-        Ranks are tp fastest, then dp, then pp, so stage p holds ranks [p tp dp, (p + 1) tp dp)."""
+        """TE's fp8_group: the TP x CP x DP ranks of this pipeline stage (Megatron-LM's amax reduction group).
+        Ranks are tp fastest, then cp, dp, pp, so stage p holds ranks [p tp cp dp, (p + 1) tp cp dp)."""
         import torch.distributed as dist
 
         from megatron_eff.parallel.state import collective_timeout
 
         if not dist.is_initialized():
             return None
-        per_stage, mine = self.pstate.tp_size * self.pstate.dp_size, None
+        per_stage, mine = self.pstate.tp_size * self.pstate.cp_size * self.pstate.dp_size, None
         for stage in range(self.pstate.pp_size):  # collective: every rank creates every stage's group
             ranks = list(range(stage * per_stage, (stage + 1) * per_stage))
             group = dist.new_group(ranks, timeout=collective_timeout())

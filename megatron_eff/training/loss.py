@@ -56,14 +56,14 @@ def iteration_loss(results: list, pstate: ParallelState, per_token_loss: bool = 
     else:
         value = count = torch.zeros((), dtype=torch.float64, device=device)
     both = torch.stack([value, count])
-    if pstate.dp_group is not None and pstate.dp_size > 1:
-        dist.all_reduce(both, group=pstate.dp_group)
+    if pstate.grad_group is not None and pstate.grad_size > 1:  # DP (x CP: see parallel/context_parallel.py)
+        dist.all_reduce(both, group=pstate.grad_group)
     if pstate.pp_size > 1:
         dist.broadcast(both, src=pstate.pp_ranks[-1], group=pstate.pp_group)
     value, count = both.tolist()
     if per_token_loss:
         return value / max(count, 1.0), count
-    return value / pstate.dp_size, count
+    return value / pstate.grad_size, count
 
 
 def per_domain_losses(results: list, pstate: ParallelState, names: list[str]) -> dict[str, float]:
@@ -75,8 +75,8 @@ def per_domain_losses(results: list, pstate: ParallelState, names: list[str]) ->
         ids = r.report["dataset_id"].to(device).long()
         totals[0].index_add_(0, ids, r.report["sample_loss_sum"].to(device, torch.float64))
         totals[1].index_add_(0, ids, r.report["sample_tokens"].to(device, torch.float64))
-    if pstate.dp_group is not None and pstate.dp_size > 1:
-        dist.all_reduce(totals, group=pstate.dp_group)
+    if pstate.grad_group is not None and pstate.grad_size > 1:  # CP ranks report their own positions' sums
+        dist.all_reduce(totals, group=pstate.grad_group)
     if pstate.pp_size > 1:
         dist.broadcast(totals, src=pstate.pp_ranks[-1], group=pstate.pp_group)
     return {name: s / n for name, s, n in zip(names, totals[0].tolist(), totals[1].tolist()) if n > 0}

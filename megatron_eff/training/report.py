@@ -61,7 +61,8 @@ def startup_summary(config: Config, pstate, train_ds, valid_ds, method_names: li
              f"({model.num_query_groups} query groups), ffn {model.ffn_hidden_size}, "
              f"{'SwiGLU' if model.swiglu else 'GELU'}, {model.normalization}, {model.position_embedding_type}")
     vpp = parallel.num_layers_per_virtual_pipeline_stage
-    layout = (f"TP {pstate.tp_size}{' + SP' if parallel.sequence_parallel else ''} x PP {pstate.pp_size}"
+    cp = f" x CP {pstate.cp_size} ({parallel.cp_comm_type})" if pstate.cp_size > 1 else ""
+    layout = (f"TP {pstate.tp_size}{' + SP' if parallel.sequence_parallel else ''}{cp} x PP {pstate.pp_size}"
               f"{f' (virtual stages of {vpp} layers)' if vpp else ''} x DP {pstate.dp_size}"
               f"{' (distributed optimizer)' if parallel.use_distributed_optimizer else ''}"
               f" = {pstate.world_size} process{'es' if pstate.world_size > 1 else ''}")

@@ -143,7 +143,8 @@ def run_schedule(model, batches, num_micro_batches: int, config: Config, pstate:
     the per-micro-batch `MicroBatchLoss`es on the last stage."""
     chunks = model_chunks(model)
     schedule = get_forward_backward_func(pstate, virtual=len(chunks) > 1)
-    shape = activation_shape(config.model.seq_length, config.train.micro_batch_size, config.model.hidden_size,
+    seq_length = config.model.seq_length // pstate.cp_size  # each CP rank holds s/cp positions
+    shape = activation_shape(seq_length, config.train.micro_batch_size, config.model.hidden_size,
                              pstate.tp_size, config.parallel.sequence_parallel)
     return schedule(chunks, batches, num_micro_batches, pstate=pstate, tensor_shape=shape,
                     forward_only=forward_only, autocast=autocast, loss_scale=loss_scale, forward_step=forward_step,
@@ -204,10 +205,10 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
     main_params = getattr(optimizer, "main_params", params)
     per_token = config.train.calculate_per_token_loss
     loss, tokens = iteration_loss(results, pstate, per_token)
-    if per_token:  # the DP all-reduce averaged sums of token losses: x dp / (global token count)
+    if per_token:  # the DP (x CP) all-reduce averaged sums of token losses: x dp cp / (global token count)
         grads = [p.grad for p in main_params if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, pstate.dp_size / max(tokens, 1.0))
+            torch._foreach_mul_(grads, pstate.grad_size / max(tokens, 1.0))
     if precision is not None:
         precision.unscale_(main_params, loss_scale)
     if methods is not None:
@@ -299,7 +300,10 @@ _RANK_LOCAL_REASONS = (None, "duration", "signal")
 
 
 def _layout(pstate: ParallelState) -> dict:
-    return {"tp": pstate.tp_size, "pp": pstate.pp_size, "dp": pstate.dp_size}
+    layout = {"tp": pstate.tp_size, "pp": pstate.pp_size, "dp": pstate.dp_size}
+    if pstate.cp_size > 1:  # only then, so checkpoints of runs without CP compare equal as before
+        layout["cp"] = pstate.cp_size
+    return layout
 
 
 class Trainer:
@@ -311,7 +315,9 @@ class Trainer:
         init_distributed(timeout_minutes=config.parallel.distributed_timeout_minutes)
         parallel = config.parallel
         self.pstate = pstate = initialize_parallel_state(parallel.tensor_model_parallel_size,
-                                                         parallel.pipeline_model_parallel_size)
+                                                         parallel.pipeline_model_parallel_size,
+                                                         cp=parallel.context_parallel_size,
+                                                         cp_comm_type=parallel.cp_comm_type)
         self.device = device_for_run()
         set_seed(config.train.seed)
         self.model = model_chunks(build_model(config, pstate, self.device))
@@ -347,7 +353,7 @@ class Trainer:
         )
         self.methods.attach(self)
         self._load_checkpoint()  # the methods' and the batch source's state too
-        self.is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0
+        self.is_logger = pstate.is_last_stage and pstate.tp_rank == 0 and pstate.dp_rank == 0 and pstate.cp_rank == 0
         self.last_checkpoint: str | None = None
         log(startup_summary(config, pstate, self.train_ds, self.valid_ds, [m.name for m in self.methods],
                             self.state.iteration), pstate.rank == 0)

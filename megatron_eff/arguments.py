@@ -323,6 +323,7 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins, exit_signal_handler=args.exit_signal_handler,
             train_samples=args.train_samples, rampup_batch_size=args.rampup_batch_size,
+            step_batch_size_schedule=args.step_batch_size_schedule,
         ),
         data=DataConfig(
             data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,

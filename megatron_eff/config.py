@@ -328,10 +328,13 @@ class TrainConfig:
     exit_signal_handler: bool = False
     train_samples: int | None = None  # sample-based training (Megatron's --train-samples); train_iters derived
     rampup_batch_size: list[int] | None = None  # [start, increment, ramp samples] (needs train_samples)
+    step_batch_size_schedule: str | None = None  # "T0:BS0 T1:BS1 ..." in tokens (needs train_samples)
 
     def __post_init__(self) -> None:
         require(self.rampup_batch_size is None or self.train_samples is not None,
                 "--rampup-batch-size needs sample-based training (--train-samples), as in Megatron-LM")
+        require(self.step_batch_size_schedule is None or self.train_samples is not None,
+                "--step-batch-size-schedule needs sample-based training (--train-samples), as in Megatron-LM")
         require(self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}")
         require(self.train_iters > 0, f"--train-iters must be positive, got {self.train_iters}")
         require(self.max_bad_steps > 0, f"--max-bad-steps must be positive, got {self.max_bad_steps}")

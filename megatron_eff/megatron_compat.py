@@ -35,13 +35,12 @@ NO_EFFECT = {
 
 # flag -> why it is refused (semantics we do not implement yet: an error, never a silent difference)
 NOT_SUPPORTED = {
-    "--step-batch-size-schedule": "batch-size schedules are not implemented; use a constant --global-batch-size",
 }
 
 
 DEFAULT_TRAIN_ITERS = 100
 
-_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level", "--step-batch-size-schedule")
+_TAKES_VALUE = ("--attention-backend", "--ckpt-format", "--empty-unused-memory-level")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rampup-batch-size", type=int, nargs=3, metavar=("START", "INCREMENT", "RAMP_SAMPLES"),
                    help="grow the global batch from START by INCREMENT over RAMP_SAMPLES samples to "
                         "--global-batch-size (needs --train-samples, as in Megatron-LM)")
+    g.add_argument("--step-batch-size-schedule", nargs="+", metavar="TOKENS:BATCH",
+                   help="step the global batch at token thresholds, e.g. \"0:768 250B:1536\" (K/M/B/T suffixes; "
+                        "the first threshold 0; --global-batch-size is the largest size; needs --train-samples)")
     g.add_argument("--lr-warmup-fraction", type=float,
                    help="LR warm-up as a fraction of the decay length (instead of --lr-warmup-iters/-samples)")
     g.add_argument("--manual-gc", action="store_true",
@@ -94,7 +96,7 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
         notes.append(f"--tiktoken-pattern: accepted, no effect here: only --tokenizer-type TikTokenizer reads it "
                      f"(this run uses {args.tokenizer_type}), as in Megatron-LM")
     sample_flags = [f for f in ("--train-samples", "--lr-warmup-samples", "--lr-decay-samples",
-                                "--rampup-batch-size") if _given(args, f)]
+                                "--rampup-batch-size", "--step-batch-size-schedule") if _given(args, f)]
     if args.train_iters is not None and sample_flags:  # Megatron-LM: iteration- or sample-based, never both
         raise ValueError(f"--train-iters (iteration-based training) cannot be combined with {', '.join(sample_flags)} "
                          "(sample-based); use --train-samples, or --lr-warmup-iters/--lr-decay-iters")
@@ -129,8 +131,15 @@ def _sample_based(args: argparse.Namespace, flags: list[str]) -> list[str]:
     and the LR schedule is counted in samples (`lr_schedule.sample_learning_rate` at the consumed samples):
     warm-up `--lr-warmup-samples` (or `--lr-warmup-fraction` x the decay), decay `--lr-decay-samples`
     (default `--train-samples`)."""
-    from megatron_eff.training.batch_rampup import BatchRampup
+    from megatron_eff.training.batch_schedule import StepBatchSchedule, batch_size_schedule
 
+    if args.step_batch_size_schedule is not None:  # one string in Megatron-LM's scripts; words here too
+        args.step_batch_size_schedule = " ".join(args.step_batch_size_schedule)
+        steps = StepBatchSchedule.parse(args.step_batch_size_schedule, _seq_length(args))
+        if args.global_batch_size not in (None, steps.global_batch_size):
+            raise ValueError(f"--global-batch-size {args.global_batch_size}: with --step-batch-size-schedule it is "
+                             f"the schedule's largest size, {steps.global_batch_size}")
+        args.global_batch_size = steps.global_batch_size
     gbs = args.global_batch_size
     if gbs is None:
         raise ValueError(f"{', '.join(flags)} need --global-batch-size (Megatron-LM's sample-based training)")
@@ -139,11 +148,8 @@ def _sample_based(args: argparse.Namespace, flags: list[str]) -> list[str]:
     if args.lr_warmup_iters or args.lr_decay_iters is not None:
         raise ValueError("--lr-warmup-iters/--lr-decay-iters are iteration-based; with --train-samples use "
                          "--lr-warmup-samples/--lr-decay-samples (as Megatron-LM)")
-    if args.rampup_batch_size is not None:
-        ramp = BatchRampup(*args.rampup_batch_size, global_batch_size=gbs)
-        args.train_iters = ramp.train_iters(args.train_samples)
-    else:
-        args.train_iters = args.train_samples // gbs
+    schedule = batch_size_schedule(args.rampup_batch_size, args.step_batch_size_schedule, _seq_length(args), gbs)
+    args.train_iters = schedule.train_iters(args.train_samples) if schedule else args.train_samples // gbs
     if args.train_iters < 1:
         raise ValueError(f"--train-samples {args.train_samples} is less than one global batch ({gbs})")
     if args.lr_decay_samples is None:
@@ -153,6 +159,16 @@ def _sample_based(args: argparse.Namespace, flags: list[str]) -> list[str]:
         args.lr_warmup_samples = int(args.lr_warmup_fraction * args.lr_decay_samples)
     args.lr_warmup_samples = args.lr_warmup_samples or 0
     ramp_note = f", batch ramp-up {' '.join(map(str, args.rampup_batch_size))}" if args.rampup_batch_size else ""
+    if args.step_batch_size_schedule:
+        ramp_note = f", batch steps {args.step_batch_size_schedule!r}"
     return [f"sample-based training: --train-samples {args.train_samples} -> {args.train_iters} iterations "
             f"(global batch {gbs}{ramp_note}); LR warm-up {args.lr_warmup_samples} and decay "
             f"{args.lr_decay_samples} samples"]
+
+
+def _seq_length(args: argparse.Namespace) -> int:
+    """--seq-length, else the preset's, else the default (the model flags are resolved after this module)."""
+    from megatron_eff.config import MODEL_PRESETS, ModelConfig
+
+    preset = MODEL_PRESETS.get(args.model_preset, {}) if getattr(args, "model_preset", None) else {}
+    return args.seq_length or preset.get("seq_length") or ModelConfig.seq_length

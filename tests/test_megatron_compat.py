@@ -101,9 +101,40 @@ def test_batch_rampup_follows_megatron_and_resumes_exactly(tmp_path):
     assert first.state.consumed_train_samples == 2 + 2 + 2 + 4
     second = trainer_lib.pretrain(config_from_args(parse_args([*flags, "--load", ckpt])))
     assert first.losses + second.losses == straight.losses  # bitwise: the ramp continues where it stopped
-    with pytest.raises(ValueError, match=r"global batch size\(s\) \[5\] of the ramp"):  # 2, 5, 8 with mbs 2
+    with pytest.raises(ValueError, match=r"--rampup-batch-size: global batch size\(s\) \[5\] of the schedule"):  # 2, 5, 8 with mbs 2
         trainer_lib.Trainer(config_from_args(parse_args(
             [*GPT3, "--global-batch-size", "8", "--rampup-batch-size", "2", "3", "12", "--train-samples", "26"])))
+
+
+def test_step_batch_size_schedule_steps_at_token_thresholds_and_resumes_exactly(tmp_path):
+    """"0:2 64:4 0.16K:6" at seq 32: sizes 2, 4, 6 from samples 0, 2, 5 (tokens / 32, rounded up); 26 samples
+    are 2 + 4 + 6 + 6 + 6 = 24 in 5 iterations (a partial last batch is dropped); resuming mid-way is exact."""
+    flags = [*GPT3, "--step-batch-size-schedule", "0:2 64:4 0.16K:6", "--train-samples", "26"]
+    config = config_from_args(parse_args(flags))
+    assert config.train.train_iters == 5 and config.train.global_batch_size == 6
+    straight = trainer_lib.pretrain(config)
+    assert straight.state.consumed_train_samples == 24
+    ckpt = str(tmp_path / "ckpt")
+    first = trainer_lib.pretrain(config_from_args(parse_args([*flags, "--save", ckpt, "--exit-interval", "2"])))
+    assert first.state.consumed_train_samples == 2 + 4
+    second = trainer_lib.pretrain(config_from_args(parse_args([*flags, "--load", ckpt])))
+    assert first.losses + second.losses == straight.losses
+
+
+@pytest.mark.parametrize("schedule,message", [
+    ("64:2 128:4", "the first threshold must be 0"),
+    ("0:2 1K:x", "is not TOKENS:BATCH_SIZE"),
+    ("0:2 64:4 64:6", "thresholds must increase"),
+])
+def test_step_batch_size_schedule_errors_name_the_flag(schedule, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_args(parse_args([*GPT3, "--step-batch-size-schedule", schedule, "--train-samples", "26"]))
+
+
+def test_step_batch_size_schedule_global_batch_is_its_largest():
+    with pytest.raises(ValueError, match="the schedule's largest size, 4"):
+        config_from_args(parse_args([*GPT3, "--step-batch-size-schedule", "0:2 64:4", "--train-samples", "26",
+                                     "--global-batch-size", "8"]))
 
 
 def _megatron_lr(samples: int, max_lr: float, min_lr: float, warmup: int, decay: int) -> float:
@@ -141,7 +172,7 @@ def test_sample_schedule_equals_megatron(gbs, warmup, decay, train):
     (["--train-samples", "40", "--global-batch-size", "8", "--rampup-batch-size", "3", "2", "10"],
      "non-negative multiple of the increment"),
     (["--train-samples", "16", "--train-iters", "4", "--global-batch-size", "4"], "cannot be combined"),
-    (["--step-batch-size-schedule", "1:4"], "--step-batch-size-schedule"),
+    (["--step-batch-size-schedule", "0:4"], "need --train-samples"),
     (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction"),
 ])
 def test_refused_megatron_flags_name_themselves(flags, message):

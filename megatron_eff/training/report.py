@@ -68,11 +68,13 @@ def startup_summary(config: Config, pstate, train_ds, valid_ds, method_names: li
               f" = {pstate.world_size} process{'es' if pstate.world_size > 1 else ''}")
     remaining = train.train_iters - start_iteration
     plan = f"iterations {start_iteration + 1}..{train.train_iters}"
-    if train.rampup_batch_size is None:
-        plan += f" ({remaining:,} to run, {remaining * gbs * model.seq_length:,} tokens)"
-    else:
+    if train.rampup_batch_size is not None:
         start, increment, ramp = train.rampup_batch_size
         plan += f", the global batch ramping up from {start} by {increment} over {ramp:,} samples"
+    elif train.step_batch_size_schedule is not None:
+        plan += f", the global batch stepping as {train.step_batch_size_schedule!r} (tokens:batch)"
+    else:
+        plan += f" ({remaining:,} to run, {remaining * gbs * model.seq_length:,} tokens)"
     lines = [
         "run summary:",
         f"  model: {shape}; {total:,} parameters",

@@ -54,7 +54,7 @@ from megatron_eff.parallel.state import (
 )
 from megatron_eff.precision import PrecisionRuntime, apply_precision
 from megatron_eff.training import flops as flops_lib
-from megatron_eff.training.batch_rampup import BatchRampup
+from megatron_eff.training.batch_schedule import batch_size_schedule
 from megatron_eff.training.checkpointing import (
     TrainState,
     find_checkpoint,
@@ -235,18 +235,20 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
     return StepResult(loss, grad_norm, skipped=False)
 
 
-def _batch_rampup(config: Config, pstate: ParallelState, methods_on: bool) -> BatchRampup | None:
-    """--rampup-batch-size, checked against the layout (every size whole micro-batches of every DP rank)."""
+def _batch_schedule(config: Config, pstate: ParallelState, methods_on: bool):
+    """--rampup-batch-size / --step-batch-size-schedule, checked against the layout (every size whole
+    micro-batches of every DP rank); None for a constant global batch."""
     train = config.train
-    if train.rampup_batch_size is None:
+    schedule = batch_size_schedule(train.rampup_batch_size, train.step_batch_size_schedule, config.model.seq_length,
+                                   train.resolved_global_batch_size(pstate.dp_size))
+    if schedule is None:
         return None
     if methods_on:
-        raise ValueError("--rampup-batch-size cannot be combined with a training method (they assume one "
-                         "global batch size)")
-    rampup = BatchRampup(*train.rampup_batch_size, global_batch_size=train.resolved_global_batch_size(pstate.dp_size))
+        raise ValueError("--rampup-batch-size / --step-batch-size-schedule cannot be combined with a training "
+                         "method (methods assume one global batch size)")
     interleaved = config.parallel.num_layers_per_virtual_pipeline_stage is not None
-    rampup.check_layout(train.micro_batch_size, pstate.dp_size, pstate.pp_size if interleaved else 1)
-    return rampup
+    schedule.check_layout(train.micro_batch_size, pstate.dp_size, pstate.pp_size if interleaved else 1)
+    return schedule
 
 
 def _counts_once(param, pstate: ParallelState) -> bool:
@@ -322,7 +324,7 @@ class Trainer:
         set_seed(config.train.seed)
         self.model = model_chunks(build_model(config, pstate, self.device))
         self.methods = build_methods(config, pstate)
-        self.rampup = _batch_rampup(config, pstate, bool(config.enabled_methods()))
+        self.batch_schedule = _batch_schedule(config, pstate, bool(config.enabled_methods()))
         self.methods.transform_model(self.model)  # before the buckets and the optimizer: what it adds trains
         self.named_params = {name: p for chunk in self.model for name, p in chunk.named_parameters()}
         self.grad_sync = GradSync(
@@ -426,10 +428,11 @@ class Trainer:
         return output, loss_func
 
     def _num_micro_batches(self, consumed_samples: int) -> int:
-        """This iteration's micro-batches per data-parallel rank (they follow the ramp with --rampup-batch-size)."""
-        if self.rampup is None:
+        """This iteration's micro-batches per data-parallel rank (they follow --rampup-batch-size or
+        --step-batch-size-schedule)."""
+        if self.batch_schedule is None:
             return self.config.train.num_micro_batches(self.pstate.dp_size)
-        gbs = self.rampup.global_batch_size_at(consumed_samples)
+        gbs = self.batch_schedule.global_batch_size_at(consumed_samples)
         return gbs // (self.config.train.micro_batch_size * self.pstate.dp_size)
 
     def train_step(self, batches: list[dict], iteration: int, lr: float,

@@ -101,7 +101,8 @@ def test_batch_rampup_follows_megatron_and_resumes_exactly(tmp_path):
     assert first.state.consumed_train_samples == 2 + 2 + 2 + 4
     second = trainer_lib.pretrain(config_from_args(parse_args([*flags, "--load", ckpt])))
     assert first.losses + second.losses == straight.losses  # bitwise: the ramp continues where it stopped
-    with pytest.raises(ValueError, match=r"--rampup-batch-size: global batch size\(s\) \[5\] of the schedule"):  # 2, 5, 8 with mbs 2
+    # sizes 2, 5, 8 with micro-batch 2: 5 is not whole micro-batches
+    with pytest.raises(ValueError, match=r"--rampup-batch-size: global batch size\(s\) \[5\] of the schedule"):
         trainer_lib.Trainer(config_from_args(parse_args(
             [*GPT3, "--global-batch-size", "8", "--rampup-batch-size", "2", "3", "12", "--train-samples", "26"])))
 

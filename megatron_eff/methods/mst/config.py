@@ -135,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mst-schedule-steps", type=int, default=4,
                    help="staircase: the fewest stairs per ramp (short runs: ramp / this iterations per stair)")
     g.add_argument("--mst-update-interval", type=int, default=100,
-                   help="iterations between topology updates (capped to a quarter of the shortest phase)")
+                   help="iterations between drop/grow updates (capped to a quarter of the shortest phase); stair "
+                        "starts and the ends of warm-up and restoration only resize")
     g.add_argument("--mst-drop-fraction", type=float, default=0.3,
                    help="zeta: fraction of active weights dropped, cosine-decayed over the run")
     g.add_argument("--mst-grow-grad-random-ratio", type=float, default=3.0,

@@ -99,6 +99,23 @@ def test_attention_matches_single_process(tmp_path, comm_type, cp):
         assert result[key] <= 1e-10, (key, result[key])
 
 
+@pytest.mark.parametrize("comm_type, positions", [("p2p", "rope"), ("allgather", "learned_absolute")])
+def test_model_loss_and_gradients_cp2_match_single_process(tmp_path, comm_type, positions):
+    """A whole GPT model under an uneven loss mask: the CP loss (averaged over the CP ranks) and the gradients
+    (averaged likewise, as the dp x cp reduction does) equal one process's, not only up to a factor that
+    Adam and gradient clipping would hide in the training tests below."""
+    out = tmp_path / "model.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "tests" / "dist" / "run_cp_model.py"), str(out),
+           comm_type, positions]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(out)
+    assert abs(result["loss"] - result["reference_loss"]) <= 1e-10 * result["reference_loss"]
+    assert result["grad_diff"] <= 1e-10 * result["grad_scale"], result
+
+
 @pytest.mark.slow
 def test_llama_cp2_training_matches_single_process(tmp_path, llama_reference):
     """RoPE, GQA, SwiGLU: 5 steps of training with ring attention, losses and every parameter."""

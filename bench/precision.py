@@ -3,10 +3,10 @@ emulation (FP32 / FP8 fake-quantised / Unit Scaling / FP16 underflow) on a tiny 
 
 CPU (emulation, runs anywhere; a tiny LLaMA on the noisy-bigram task of `precision/numerics.py`):
 
-    .venv/bin/python bench/precision.py --cpu                 # each variant at each --lrs, 60 steps: ~20 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/precision.py --cpu   # each variant at each --lrs, 60 steps: ~3 min
     .venv/bin/python bench/precision.py --cpu --steps 200 --lrs 1e-3 3e-3 1e-2 \
         --variants fp32 "unit-scaled fp32"
-    .venv/bin/python bench/precision.py --depth-profile       # residual-gradient std per layer, 24 layers
+    OMP_NUM_THREADS=1 .venv/bin/python bench/precision.py --depth-profile   # gradient std per layer, 24 layers
 
 `--cpu` prints, per variant, the final loss (mean of the last 5 steps) at each LR of the sweep and its best;
 then FP16 without loss scaling (gradient elements below FP16's smallest normal) and FP8 without amax scaling

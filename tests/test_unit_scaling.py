@@ -302,3 +302,19 @@ def test_lr_scale_composes_with_groups_of_their_own_lr():
     set_learning_rate(optimizer, 1e-3, 0, config, 10)
     lrs = sorted(g["lr"] for g in optimizer.param_groups)
     assert lrs == pytest.approx(sorted([4e-3, 1e-3, 3.0 * 2e-3]))
+
+
+@pytest.mark.slow
+def test_unit_scaling_tp2_sequence_parallel_matches_single_process(tmp_path):
+    """Depth rule (global layer indices), per-tensor LR groups and the tokens^-1/2 norm-gradient rule under
+    TP2 + sequence parallelism: a norm sees s/tp tokens there and its gradient is all-reduced over TP, so the
+    rule must count the global tokens. float64 runs (tests/dist_utils.py): same losses and weights to 1e-5.
+    --adam-eps 1 (~ the unit gradients' size) makes the update depend on each gradient's magnitude, which
+    AdamW otherwise normalises away, so a wrong gradient scale shows in the weights."""
+    from tests.dist_utils import TINY_FLAGS, assert_same_run, run_layout
+
+    flags = [*TINY_FLAGS, "--unit-scaling", "--train-iters", "3", "--clip-grad", "0", "--adam-eps", "1"]
+    reference = run_layout(tmp_path / "ref.pt", flags)
+    tp2 = run_layout(tmp_path / "tp2.pt", [*flags, "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                     nproc=2)
+    assert_same_run(tp2, reference)

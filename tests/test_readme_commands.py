@@ -17,7 +17,6 @@ import dataclasses
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -213,8 +212,12 @@ def tensorboard_serves(ws, proc, command):
         runs = urllib.request.urlopen(url + "/data/runs", timeout=60).read().decode()
         assert runs.strip() not in ("", "[]"), runs
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def lists_flags(ws, proc, command):

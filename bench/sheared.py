@@ -52,7 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--source-iters", type=int, default=150)
-    p.add_argument("--prune-iters", type=int, default=40)
+    p.add_argument("--prune-iters", type=int, default=100)
     p.add_argument("--continue-iters", type=int, default=80)
     p.add_argument("--dbl-interval", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -2,7 +2,7 @@
 pretraining it, and compare against the same shape trained from scratch; dynamic batch loading vs static
 blend weights in continued pretraining. Figures are measured and printed, never asserted.
 
-    .venv/bin/python bench/sheared.py          # defaults: 4L h64 -> 2L h32, seq 32, batch 8; ~15-30 min on 2 CPU cores
+    .venv/bin/python bench/sheared.py   # defaults: 4L h64 -> 2L h32, seq 32, batch 8; 40+ min on 2 busy CPU cores
     .venv/bin/python bench/sheared.py --source-hidden 128 --source-ffn 352 --target-hidden 64 --target-ffn 176
 
 Stages (one seed, data blend 0.6/0.3/0.1 of shakespeare/milton/britannica, same validation samples):

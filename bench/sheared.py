@@ -2,7 +2,7 @@
 pretraining it, and compare against the same shape trained from scratch; dynamic batch loading vs static
 blend weights in continued pretraining. Figures are measured and printed, never asserted.
 
-    .venv/bin/python bench/sheared.py          # defaults: 4L h64 -> 2L h32, seq 32, batch 8; ~15-30 min on 2 CPU cores
+    .venv/bin/python bench/sheared.py   # defaults: 4L h64 -> 2L h32, seq 32, batch 8; 40+ min on 2 busy CPU cores
     .venv/bin/python bench/sheared.py --source-hidden 128 --source-ffn 352 --target-hidden 64 --target-ffn 176
 
 Stages (one seed, data blend 0.6/0.3/0.1 of shakespeare/milton/britannica, same validation samples):
@@ -52,7 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--source-iters", type=int, default=150)
-    p.add_argument("--prune-iters", type=int, default=40)
+    p.add_argument("--prune-iters", type=int, default=100)
     p.add_argument("--continue-iters", type=int, default=80)
     p.add_argument("--dbl-interval", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)

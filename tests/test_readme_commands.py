@@ -179,10 +179,22 @@ def launch_checked(world_size: int, env: dict[str, str] | None = None):
     return check
 
 
-def mst_gpu_dry_run(ws, proc, command):
-    argv = shlex.split(ok(proc))
-    check_layout(argv[argv.index("pretrain.py") + 1:], 8)
-    assert "--mst" in argv and "--mock-data" in argv
+def gpu_dry_run(method_flag: str, *flags: str):
+    """A GPU launcher's DRY_RUN=1 line: its flags parse for 8 ranks and turn the method on."""
+    def check(ws, proc, command):
+        argv = shlex.split(ok(proc))
+        check_layout(argv[argv.index("pretrain.py") + 1:], 8)
+        assert method_flag in argv and all(f in argv for f in flags), argv
+    return check
+
+
+def succeeded(*texts: str):
+    """Exit 0 and each of `texts` in the output (benchmarks and examples: their figures are not asserted)."""
+    def check(ws, proc, command):
+        out = ok(proc)
+        for text in texts:
+            assert text in out, f"{text!r} not in:\n{out[-2000:]}"
+    return check
 
 
 def te_needs_gpu(ws, proc, command):
@@ -295,12 +307,32 @@ RULES: dict[str, Rule] = {
     "fp8-emulated": Rule(r"--fp8-amax-compute-algo", finished_at(3), extra="--train-iters 3"),
     "fp8-scaled-mm": Rule(r"--fp8-gemm scaled_mm", finished_at(3), extra="--train-iters 3"),
     "fp8-te": Rule(r"--transformer-impl transformer_engine", te_needs_gpu, extra="--train-iters 2"),
-    "unit-scaling": Rule(r"--unit-scaling", finished_at(3), extra="--train-iters 3"),
+    "unit-scaling-fp8": Rule(r"--unit-scaling .*--fp8-recipe unscaled", finished_at(3), extra="--train-iters 3"),
+    "unit-scaling-fp16": Rule(r"--unit-scaling --fp16$", finished_at(3), extra="--train-iters 3"),
     "precision-bench": Rule(r"bench/precision\.py --cpu", precision_bench, extra="--steps 12", slow=True),
     "mst-cpu": Rule(r"^bash examples/mst_cpu\.sh$", mst_example, env={"ITERS": "16"}, slow=True),
-    "mst-gpu": Rule(r"examples/mst_gpt2_124m\.sh", mst_gpu_dry_run, env={"DRY_RUN": "1"}),
+    "mst-gpu": Rule(r"examples/mst_gpt2_124m\.sh", gpu_dry_run("--mst", "--mock-data"), env={"DRY_RUN": "1"}),
     "mst-bench": Rule(r"bench/mst_quality\.py", mst_bench, slow=True,
                       extra="--iters 8 --layers 1 --hidden 32 --heads 2 --seq 32 --eval-iters 1"),
+    "faults-save": Rule(r"--save work_dirs/faults_demo$", finished_at(2)),
+    "faults-resume": Rule(r"--load work_dirs/faults_demo$", finished_at(4), needs=("faults-save",)),
+    "megatron-llama3": Rule(r"--use-mcore-models", finished_at(6)),
+    "cp-2proc": Rule(r"--context-parallel-size 2", finished_at(5), slow=True),
+    "cp-bench": Rule(r"bench/context_parallel\.py", succeeded(), slow=True,
+                     extra="--seq-length 64 --cp 1 2 --num-layers 1 --hidden-size 32 --steps 1"),
+    "precision-depth": Rule(r"bench/precision\.py --depth-profile", succeeded(), slow=True),
+    "sheared-cpu": Rule(r"^bash examples/sheared_cpu\.sh$", succeeded(), slow=True,
+                        env={"SOURCE_ITERS": "4", "PRUNE_ITERS": "4", "CONTINUE_ITERS": "4"}),
+    "sheared-bench": Rule(r"bench/sheared\.py$", succeeded(), slow=True,
+                          extra="--source-iters 4 --prune-iters 4 --continue-iters 4 --eval-iters 1 --dbl-interval 2"),
+    "sat-cpu": Rule(r"^bash examples/sat_cpu\.sh$", succeeded("SAT:"), env={"DENSE_ITERS": "4", "ITERS": "4"},
+                    slow=True),
+    "sat-gpu": Rule(r"examples/sat_llama_1b\.sh", gpu_dry_run("--sat"), env={"DRY_RUN": "1"}),
+    "sat-speed": Rule(r"bench/sat_speed\.py$", succeeded(), slow=True,
+                      extra="--layers 1 --hidden 64 --heads 2 --ffn 128 --seq 32 --batch 2 --vocab 256 --steps 1"),
+    "sat-quality": Rule(r"bench/sat_quality\.py$", succeeded(), slow=True,
+                        extra="--pretrain-iters 4 --iters 4 --layers 1 --hidden 32 --heads 2 --ffn 64 --seq 32 "
+                              "--micro-batch 2 --global-batch 2 --eval-iters 1"),
 }
 
 

@@ -185,10 +185,10 @@ def test_sigterm_saves_and_exits(monkeypatch, tmp_path):
 
     real_lr = trainer_lib.learning_rate
 
-    def lr_and_signal(iteration, config, train_iters):
+    def lr_and_signal(iteration, *args):
         if iteration == 2:  # the step that produces iteration 3
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr(iteration, config, train_iters)
+        return real_lr(iteration, *args)
 
     monkeypatch.setattr(trainer_lib, "learning_rate", lr_and_signal)  # a signal at a known moment
     previous = signal.getsignal(signal.SIGTERM)

@@ -130,8 +130,9 @@ class TEBackend:
             module = self.te.Linear(input_size, output_size, bias=bias, **kwargs)
         else:
             module = self.te.LayerNormLinear(input_size, output_size, eps=self.config.norm_epsilon, bias=bias,
-                                             normalization=self.config.normalization,
-                                             zero_centered_gamma=self.config.apply_layernorm_1p, **kwargs)
+                                             normalization=self.config.normalization, **kwargs,
+                                             **({"zero_centered_gamma": True} if self.config.apply_layernorm_1p
+                                                else {}))
             _absorb_norm(norm)
             gamma_init = "zeros" if self.config.apply_layernorm_1p else "ones"
             for name in ("layer_norm_weight", "layer_norm_bias"):

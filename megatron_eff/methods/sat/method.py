@@ -31,7 +31,6 @@ the seed and the iteration, so a resumed run selects exactly as the uninterrupte
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -47,6 +46,10 @@ from megatron_eff.model.attention import _unit_elements
 from megatron_eff.model.transformer import LayerSelection
 from megatron_eff.training import flops as flops_lib
 
+# The running statistic of a unit never computed yet: the largest float64, so it scores highest (every unit is
+# tried once; sums and products of it overflow to +inf as a score) while the saved state stays finite.
+NEVER = torch.finfo(torch.float64).max
+
 
 @dataclass
 class SATLayer:
@@ -55,8 +58,8 @@ class SATLayer:
     index: int
     layer: torch.nn.Module
     input_sq: torch.Tensor  # [2, h] running mean square of the attention / MLP input features (-1: none yet)
-    head_sq: torch.Tensor  # [nq/tp] running mean square of each query head's context (+inf: never computed)
-    channel_sq: torch.Tensor  # [ffn/tp] running mean square of each channel's activation (+inf: never)
+    head_sq: torch.Tensor  # [nq/tp] running mean square of each query head's context (NEVER: never computed)
+    channel_sq: torch.Tensor  # [ffn/tp] running mean square of each channel's activation (NEVER: never)
     pending_input: torch.Tensor  # [2, h + 1] sums of squares and (last column) token counts of this iteration
     pending_units: dict = field(default_factory=dict)  # kind -> [2, units] sums of squares, counts
     selection: LayerSelection | None = None
@@ -104,8 +107,8 @@ class SAT(Method):
                 state = SATLayer(
                     index, layer,
                     input_sq=torch.full((2, h), -1.0, dtype=torch.float64, device=device),
-                    head_sq=torch.full((nq_local,), math.inf, dtype=torch.float64, device=device),
-                    channel_sq=torch.full((ffn_local,), math.inf, dtype=torch.float64, device=device),
+                    head_sq=torch.full((nq_local,), NEVER, dtype=torch.float64, device=device),
+                    channel_sq=torch.full((ffn_local,), NEVER, dtype=torch.float64, device=device),
                     pending_input=torch.zeros(2, h + 1, dtype=torch.float64, device=device),
                     pending_units={"heads": torch.zeros(2, nq_local, dtype=torch.float64, device=device),
                                    "channels": torch.zeros(2, ffn_local, dtype=torch.float64, device=device)},
@@ -250,7 +253,7 @@ class SAT(Method):
                 seen = counts > 0
                 mean_sq = sums[seen] / counts[seen]
                 old = score[seen]
-                score[seen] = torch.where(torch.isinf(old), mean_sq, decay * old + (1 - decay) * mean_sq)
+                score[seen] = torch.where(old == NEVER, mean_sq, decay * old + (1 - decay) * mean_sq)
                 state.pending_units[kind].zero_()
 
     def _all_reduce(self, tensor: torch.Tensor, with_tp: bool) -> None:

@@ -8,7 +8,7 @@ Scores are per *unit* (a query group with its q heads, k and v; or an MLP channe
   the causality constraint). Cost O(rows * h) per layer, against O(tokens * rows * h) for the GEMM.
 - `magnitude`: the same with rms = 1.
 - `ema`: a running average of the unit's output mean square (the head's context, the channel's activation)
-  from the iterations that computed it; units never computed score +inf (each is tried once).
+  from the iterations that computed it; units never computed score highest (each is tried once).
 - `random`: uniform scores drawn from a generator keyed by (seed, iteration, layer, kind, block).
 
 Selection works in equal *blocks* of consecutive units, each keeping the same count (TP rank r's shard is

@@ -11,8 +11,8 @@ small domain, kept whole) and at --large-batch. Prints, all measured, never asse
   (CPU: big tensors are mmap'ed and returned when freed, so the peak follows the live tensors), and the
   time of the same two steps.
 
-    .venv/bin/python bench/colm.py                          # ~10-20 min on 2 busy CPU cores
-    .venv/bin/python bench/colm.py --iters 40 --match-steps 20 --eval-iters 2   # a quick look
+    .venv/bin/python bench/colm.py                          # ~45 min on 2 heavily shared CPU cores
+    .venv/bin/python bench/colm.py --iters 20 --match-steps 20 --eval-iters 2 --skip-memory   # a quick look
 
 The data is built once under --out with the repository's tools (as bench/mst_quality.py does).
 """
@@ -43,20 +43,20 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "mst_bench"), help="data folder (shared with "
                    "bench/mst_quality.py)")
-    p.add_argument("--iters", type=int, default=150)
+    p.add_argument("--iters", type=int, default=60)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--small-batch", type=int, default=16)
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--eval-iters", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--match-steps", type=int, default=20, help="CoLM iterations whose coresets are checked "
                    "against true gradients (spread over the run)")
-    p.add_argument("--random-subsets", type=int, default=20, help="random subsets per checked iteration")
+    p.add_argument("--random-subsets", type=int, default=10, help="random subsets per checked iteration")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-probe", choices=["large", "colm"], help=argparse.SUPPRESS)
     return p.parse_args()

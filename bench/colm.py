@@ -7,12 +7,12 @@ small domain, kept whole) and at --large-batch. Prints, all measured, never asse
 - the gradient-matching error |g_coreset - g_L| / |g_L| of CoLM's coresets, with true per-sample gradients of
   the model at that step, against random subsets of the same size (mean over --match-steps iterations);
 - peak memory of one CoLM step [no-grad scoring forward of B_L + train on B_S] vs training at B_L, each
-  in one micro-batch, as the growth of the peak resident set of a fresh process over the model and the data
-  (CPU: big tensors are mmap'ed and returned when freed, so the peak follows the live tensors), and the
-  time of the same two steps.
+  in one micro-batch, as the peak resident set during the step over the one before it, in a fresh process
+  (Linux: the peak is reset through /proc/self/clear_refs; big tensors are mmap'ed and returned when freed,
+  so the peak follows the live tensors), and the time of the same two steps.
 
-    .venv/bin/python bench/colm.py                          # ~10-20 min on 2 busy CPU cores
-    .venv/bin/python bench/colm.py --iters 40 --match-steps 20 --eval-iters 2   # a quick look
+    .venv/bin/python bench/colm.py                          # ~45 min on 2 heavily shared CPU cores
+    .venv/bin/python bench/colm.py --iters 20 --match-steps 20 --eval-iters 2 --skip-memory   # a quick look
 
 The data is built once under --out with the repository's tools (as bench/mst_quality.py does).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -43,21 +42,22 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "mst_bench"), help="data folder (shared with "
                    "bench/mst_quality.py)")
-    p.add_argument("--iters", type=int, default=150)
+    p.add_argument("--iters", type=int, default=60)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--small-batch", type=int, default=16)
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--eval-iters", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--match-steps", type=int, default=20, help="CoLM iterations whose coresets are checked "
                    "against true gradients (spread over the run)")
-    p.add_argument("--random-subsets", type=int, default=20, help="random subsets per checked iteration")
+    p.add_argument("--random-subsets", type=int, default=10, help="random subsets per checked iteration")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the memory and step-time comparison")
     p.add_argument("--memory-probe", choices=["large", "colm"], help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -146,6 +146,12 @@ def train(args, blend, tokenizer, name: str, global_batch: int, extra: list[str]
     return out
 
 
+def _status_kb(field: str) -> int:
+    """A /proc/self/status memory field in kB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def memory_probe(args, blend, tokenizer) -> None:
     """One step in this fresh process; prints {"extra_mb", "seconds"} (peak RSS growth over model + data)."""
     from megatron_eff.methods.colm.zo import shared_direction, value_rows, zo_forward_step
@@ -160,7 +166,9 @@ def memory_probe(args, blend, tokenizer) -> None:
     batch = trainer.batch_source.draw(args.large_batch)
     pool = {k: torch.cat([b[k] for b in batch.micro_batches]) for k in ("tokens", "labels", "loss_mask")}
     z = shared_direction(1, value_rows(model.decoder.layers[str(args.layers - 1)]), 0, 1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current resident set
+        f.write("5")
     start = time.perf_counter()
     if not large:
         model.eval()
@@ -173,7 +181,7 @@ def memory_probe(args, blend, tokenizer) -> None:
     loss = model(tokens=pool["tokens"][:n], labels=pool["labels"][:n]).mean()
     loss.backward()
     seconds = time.perf_counter() - start
-    extra_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    extra_kb = _status_kb("VmHWM") - before
     print(json.dumps({"extra_mb": extra_kb / 1024, "seconds": seconds}))
 
 
@@ -197,6 +205,9 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args, blend, tokenizer)
         return
+    if args.memory_only:
+        report_memory(args)
+        return
     colm_flags = ["--colm", "--colm-large-batch-size", str(args.large_batch), "--colm-keep-sources", SMALL_DOMAIN]
     runs = {
         f"random B_S={args.small_batch}": train(args, blend, tokenizer, "random small batch", args.small_batch, []),
@@ -214,9 +225,13 @@ def main() -> None:
           f"{colm['coreset_error']:.4f} vs random subsets {colm['random_error']:.4f} "
           f"(coreset lower at {colm['coreset_beats_random']} of {colm['matched_steps']} iterations)")
     if not args.skip_memory:
-        mem = measure_memory(args)
-        large, ours = mem["large"], mem["colm"]
-        print(f"peak memory over model + data, one step: train B_L={args.large_batch} {large['extra_mb']:.1f} MB | "
+        report_memory(args)
+
+
+def report_memory(args) -> None:
+    mem = measure_memory(args)
+    large, ours = mem["large"], mem["colm"]
+    print(f"peak memory over model + data, one step: train B_L={args.large_batch} {large['extra_mb']:.1f} MB | "
               f"CoLM [no-grad scoring of B_L + train B_S={args.small_batch}] {ours['extra_mb']:.1f} MB = "
               f"{ours['extra_mb'] / large['extra_mb']:.2f}x; step time {large['seconds']:.2f} s vs "
               f"{ours['seconds']:.2f} s = {ours['seconds'] / large['seconds']:.2f}x")

@@ -327,6 +327,10 @@ RULES: dict[str, Rule] = {
                           extra="--source-iters 4 --prune-iters 4 --continue-iters 4 --eval-iters 1 --dbl-interval 2"),
     "sat-cpu": Rule(r"^bash examples/sat_cpu\.sh$", succeeded("SAT:"), env={"DENSE_ITERS": "4", "ITERS": "4"},
                     slow=True),
+    "colm-cpu": Rule(r"^bash examples/colm_cpu\.sh$", succeeded("CoLM:"), env={"ITERS": "3"}, slow=True),
+    "colm-bench": Rule(r"bench/colm\.py$", succeeded(), slow=True,
+                       extra="--iters 3 --layers 1 --hidden 32 --heads 2 --seq 32 --micro-batch 2 --small-batch 4 "
+                             "--large-batch 8"),
     "sat-gpu": Rule(r"examples/sat_llama_1b\.sh", gpu_dry_run("--sat"), env={"DRY_RUN": "1"}),
     "sat-speed": Rule(r"bench/sat_speed\.py$", succeeded(), slow=True,
                       extra="--layers 1 --hidden 64 --heads 2 --ffn 128 --seq 32 --batch 2 --vocab 256 --steps 1"),

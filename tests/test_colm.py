@@ -7,13 +7,11 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from megatron_eff.arguments import config_from_args, parse_args
 from megatron_eff.data.builders import collate_samples
-from megatron_eff.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_eff.methods.colm.method import resolve_keep_sources
 from megatron_eff.methods.colm.selection import (
     SKETCH_QUANTUM,
@@ -30,6 +28,7 @@ from megatron_eff.methods.colm.zo import shared_direction, value_rows, zo_forwar
 from megatron_eff.model.gpt_model import GPTModel
 from megatron_eff.training.checkpointing import TRACKER
 from megatron_eff.training.trainer import Trainer
+from tests.test_trainer_data import make_domain
 
 SEQ = 16
 
@@ -284,17 +283,6 @@ def test_shared_direction_is_the_same_global_z_under_tp():
 
 
 # --- a tiny run ---------------------------------------------------------------------------------------------
-
-def make_domain(directory, name: str, low: int, high: int, seed: int, num_docs: int) -> str:
-    rng = np.random.RandomState(seed)
-    prefix = str(directory / name)
-    builder = IndexedDatasetBuilder(prefix + ".bin", np.int32)
-    for _ in range(num_docs):
-        builder.add_item(rng.randint(low, high, rng.randint(8, 40)))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-    return prefix
-
 
 def colm_flags(tmp_path, *extra: str) -> list[str]:
     big = make_domain(tmp_path, "big", 0, 60, seed=1, num_docs=80)

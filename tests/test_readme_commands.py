@@ -257,7 +257,9 @@ def generated(ws, proc, command):
 
 
 def precision_bench(ws, proc, command):
-    assert "unit-scaled FP8 vs unit-scaled FP32" in ok(proc) and "below FP16's smallest normal" in proc.stdout
+    out = ok(proc)
+    for text in ("final loss = mean of the last 5", "below FP16's smallest normal", "FP8 weight-gradient error"):
+        assert text in out, out[-2000:]
 
 
 def mst_example(ws, proc, command):

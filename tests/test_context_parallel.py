@@ -152,3 +152,12 @@ def test_cp2_checkpoint_resumes_in_one_process(tmp_path, llama_reference):
     for name, ref in llama_reference["params"].items():
         diff = (resumed["params"][name] - ref).abs().max().item()
         assert diff <= 1e-5, f"{name}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("method,message", [(["--mst"], "--mst-hsa-pattern sparse"), (["--colm"], "--colm scores")])
+def test_methods_that_need_whole_sequences_refuse_context_parallelism(method, message):
+    from megatron_eff.arguments import config_from_args, parse_args
+
+    with pytest.raises(ValueError, match=message):
+        config_from_args(parse_args(["--mock-data", "--model-preset", "llama-tiny", "--context-parallel-size", "2",
+                                     *method]))

@@ -65,6 +65,9 @@ class ColmConfig:
                 f"--colm-large-batch-size {large} must be a multiple of --micro-batch-size {train.micro_batch_size}")
         require(not train.calculate_per_token_loss,
                 "--colm trains on the plain mean loss of the coreset; drop --calculate-per-token-loss")
+        require(config.parallel.context_parallel_size == 1,
+                "--colm scores whole samples; with --context-parallel-size > 1 each rank sees only its positions "
+                "(not supported yet: use --context-parallel-size 1)")
 
 
 def _names(text: str) -> tuple[str, ...]:

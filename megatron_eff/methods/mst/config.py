@@ -88,6 +88,9 @@ class MSTConfig:
     def check_run(self, config) -> None:
         """Rules that need the model shape and the run length (`config`: the run's `Config`)."""
         model, train = config.model, config.train
+        require(self.hsa_pattern == "none" or config.parallel.context_parallel_size == 1,
+                f"--mst-hsa-pattern {self.hsa_pattern}: hybrid sparse attention is not built for "
+                "--context-parallel-size > 1 (use --mst-hsa-pattern none, or CP 1)")
         if self.phase_iters is not None:
             require(
                 sum(self.phase_iters) <= train.train_iters,

@@ -333,7 +333,8 @@ RULES: dict[str, Rule] = {
     "colm-bench": Rule(r"bench/colm\.py$", succeeded(), slow=True,
                        extra="--iters 3 --layers 1 --hidden 32 --heads 2 --seq 32 --micro-batch 2 --small-batch 4 "
                              "--large-batch 8"),
-    "sat-gpu": Rule(r"examples/sat_llama_1b\.sh", gpu_dry_run("--sat"), env={"DRY_RUN": "1"}),
+    "sat-gpu": Rule(r"examples/sat_llama_1b\.sh", gpu_dry_run("--sat", "--mock-data"),
+                    env={"DRY_RUN": "1", "MOCK": "1"}),
     "sat-speed": Rule(r"bench/sat_speed\.py$", succeeded(), slow=True,
                       extra="--layers 1 --hidden 64 --heads 2 --ffn 128 --seq 32 --batch 2 --vocab 256 --steps 1"),
     "sat-quality": Rule(r"bench/sat_quality\.py$", succeeded(), slow=True,

@@ -38,6 +38,41 @@ from __future__ import annotations
 import torch
 
 
+class FlopAccounting:
+    """For a method that makes training cheaper: the (dense-equivalent, actual) training FLOPs it counts each
+    iteration (`add_flops`), their running totals (checkpointed), the `flops(it)` hook, the `flops/*` scalars
+    and the summary fragment. The trainer reads `flops(it)` for TFLOP/s; `saved_x()` is dense / actual."""
+
+    def reset_flops(self) -> None:
+        self.flops_dense = self.flops_actual = 0.0
+        self.last_flops = (0.0, 0.0)
+
+    def add_flops(self, dense: float, actual: float) -> None:
+        self.last_flops = (float(dense), float(actual))
+        self.flops_dense += dense
+        self.flops_actual += actual
+
+    def flops(self, iteration: int) -> tuple[float, float]:
+        return self.last_flops
+
+    def saved_x(self) -> float:
+        return self.flops_dense / self.flops_actual if self.flops_actual else 1.0
+
+    def flop_scalars(self) -> dict[str, float]:
+        return {"flops/dense": self.last_flops[0], "flops/actual": self.last_flops[1], "flops/saved_x": self.saved_x()}
+
+    def flop_state(self) -> dict:
+        return {"flops_dense": self.flops_dense, "flops_actual": self.flops_actual}
+
+    def load_flop_state(self, state: dict) -> None:
+        self.flops_dense, self.flops_actual = state["flops_dense"], state["flops_actual"]
+
+    def flop_summary(self) -> str:
+        saved = 1 - 1 / self.saved_x() if self.flops_actual else 0.0
+        return (f"training FLOPs dense-equivalent {self.flops_dense:.4g}, actual {self.flops_actual:.4g} -> "
+                f"{self.saved_x():.2f}x fewer ({100 * saved:.1f}% saved)")
+
+
 class Method:
     """No-op base class: a method overrides what it needs. `name` keys its state in checkpoints."""
 

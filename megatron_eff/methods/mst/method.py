@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_eff.methods.base import Method
+from megatron_eff.methods.base import FlopAccounting, Method
 from megatron_eff.methods.mst.attention_patterns import (
     attention_pattern,
     masked_sdpa,
@@ -148,7 +148,7 @@ class SparseWeight:
 # --- the method -----------------------------------------------------------------------------------------
 
 
-class MST(Method):
+class MST(FlopAccounting, Method):
     name = "mst"
 
     def __init__(self, mst_config: MSTConfig, config, pstate):
@@ -161,8 +161,7 @@ class MST(Method):
         self.weights: list[SparseWeight] = []
         self._grow_scores: dict[str, torch.Tensor] = {}
         self.active = {name: n_in * n_out for name, (n_in, n_out) in self.shapes.items()}
-        self.flops_dense = self.flops_actual = 0.0
-        self.last_flops = (0.0, 0.0)
+        self.reset_flops()
         self.updates = 0
 
     # lifecycle
@@ -384,41 +383,28 @@ class MST(Method):
         dense = flops_lib.model_flops_per_iteration(config, tokens, config.seq_length)
         actual = flops_lib.sparse_training_flops(config, tokens, config.seq_length, self.densities(), attention,
                                                  dense_weight_grad=update)
-        self.flops_dense += dense
-        self.flops_actual += actual
-        self.last_flops = (dense, actual)
-
-    def flops(self, iteration: int) -> tuple[float, float]:
-        return self.last_flops
-
-    def saved_x(self) -> float:
-        return self.flops_dense / self.flops_actual if self.flops_actual else 1.0
+        self.add_flops(dense, actual)
 
     def log_scalars(self) -> dict[str, float]:
         return {
             "mst/sparsity": self.sparsity(),
             "mst/hsa": float(self.hsa_on),
-            "flops/dense": self.last_flops[0],
-            "flops/actual": self.last_flops[1],
-            "flops/saved_x": self.saved_x(),
+            **self.flop_scalars(),
         }
 
     def checkpoint_tensors(self):
         return [(f"{w.name}.{MASK}", w.mask, w.param) for w in self.weights]
 
     def state_dict(self) -> dict:
-        return {"flops_dense": self.flops_dense, "flops_actual": self.flops_actual, "updates": self.updates}
+        return {**self.flop_state(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         """After the masks were loaded in place (collective: recounts over the model-parallel group)."""
-        self.flops_dense, self.flops_actual = state["flops_dense"], state["flops_actual"]
+        self.load_flop_state(state)
         self.updates = state["updates"]
         for w in self.weights:
             w.dense = bool(w.mask.all())
         self._refresh_counts()
 
     def summary(self) -> str:
-        saved = 1 - 1 / self.saved_x() if self.flops_actual else 0.0
-        return (f"MST: {self.updates} topology updates, final sparsity {self.sparsity():.3f}; training FLOPs "
-                f"dense-equivalent {self.flops_dense:.4g}, actual {self.flops_actual:.4g} -> "
-                f"{self.saved_x():.2f}x fewer ({100 * saved:.1f}% saved)")
+        return f"MST: {self.updates} topology updates, final sparsity {self.sparsity():.3f}; {self.flop_summary()}"

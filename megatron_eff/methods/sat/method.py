@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from megatron_eff.methods.base import Method
+from megatron_eff.methods.base import FlopAccounting, Method
 from megatron_eff.methods.sat.config import SATConfig
 from megatron_eff.methods.sat.schedule import LadderSchedule
 from megatron_eff.methods.sat.selection import keep_count, select_units, unit_generator, wanda_scores
@@ -66,7 +66,7 @@ class SATLayer:
     frozen: list = field(default_factory=list)  # (param, dim, index, values, moments) held out of this step
 
 
-class SAT(Method):
+class SAT(FlopAccounting, Method):
     name = "sat"
 
     def __init__(self, sat_config: SATConfig, config, pstate):
@@ -87,8 +87,7 @@ class SAT(Method):
         self.layers: list[SATLayer] = []
         self.optimizer = None
         self.rates = (0.0, 0.0)  # realised (heads, mlp) omission over the whole model, this iteration
-        self.last_flops = (0.0, 0.0)
-        self.flops_dense = self.flops_actual = 0.0
+        self.reset_flops()
         self.timing = {"sparse_s": 0.0, "sparse_n": 0, "dense_s": 0.0, "dense_n": 0, "predicted": 0.0}
         self.last_step_time = 0.0
         self._started: float | None = None
@@ -335,17 +334,9 @@ class SAT(Method):
             attention[i] = head_density
         dense = flops_lib.model_flops_per_iteration(m, tokens, m.seq_length)
         actual = flops_lib.sparse_training_flops(m, tokens, m.seq_length, densities, attention)
-        self.last_flops = (float(dense), float(actual))
-        self.flops_dense += dense
-        self.flops_actual += actual
+        self.add_flops(dense, actual)
         share = (m.num_layers - len(self.exempt)) / m.num_layers
         self.rates = (share * (1 - head_density), share * (1 - channel_density))
-
-    def flops(self, iteration: int) -> tuple[float, float]:
-        return self.last_flops
-
-    def saved_x(self) -> float:
-        return self.flops_dense / self.flops_actual if self.flops_actual else 1.0
 
     def log_scalars(self) -> dict[str, float]:
         return {
@@ -353,9 +344,7 @@ class SAT(Method):
             "sat/omission_mlp": self.rates[1],
             "sat/predicted_speedup": self.last_flops[0] / self.last_flops[1] if self.last_flops[1] else 1.0,
             "sat/step_time": self.last_step_time,
-            "flops/dense": self.last_flops[0],
-            "flops/actual": self.last_flops[1],
-            "flops/saved_x": self.saved_x(),
+            **self.flop_scalars(),
         }
 
     def checkpoint_tensors(self):
@@ -369,16 +358,14 @@ class SAT(Method):
         return out
 
     def state_dict(self) -> dict:
-        return {"flops_dense": self.flops_dense, "flops_actual": self.flops_actual, "timing": dict(self.timing)}
+        return {**self.flop_state(), "timing": dict(self.timing)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.flops_dense, self.flops_actual = state["flops_dense"], state["flops_actual"]
+        self.load_flop_state(state)
         self.timing.update(state.get("timing", {}))
 
     def summary(self) -> str:
-        saved = 1 - 1 / self.saved_x() if self.flops_actual else 0.0
-        line = (f"SAT: training FLOPs dense-equivalent {self.flops_dense:.4g}, actual {self.flops_actual:.4g} -> "
-                f"{self.saved_x():.2f}x fewer ({100 * saved:.1f}% saved)")
+        line = f"SAT: {self.flop_summary()}"
         t = self.timing
         if t["sparse_n"]:
             line += f"; mean step time with omission {t['sparse_s'] / t['sparse_n']:.4g} s ({t['sparse_n']} its)"

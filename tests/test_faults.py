@@ -145,7 +145,8 @@ def test_non_finite_weights_are_not_saved_and_not_loaded(tmp_path, monkeypatch):
 
 def test_max_bad_steps_is_one_line_naming_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     nan, root = float("nan"), tmp_path / "run"
-    monkeypatch.setattr(trainer_lib.Trainer, "train_step", lambda self, b, i, lr, *rest: StepResult(nan, nan, True))
+    monkeypatch.setattr(trainer_lib.Trainer, "train_step",
+                        lambda self, b, i, lr, *rest, **kw: StepResult(nan, nan, True, agreed=[0.0]))
     err = one_line_error(capsys, *MOCK, "--train-iters", "5", "--max-bad-steps", "2", "--save", str(root),
                          "--save-interval", "1")
     # iteration 1 was skipped (weights unchanged, still finite) and saved; iteration 2 stops the run

@@ -61,6 +61,10 @@ class _MemberReader:
         return sample
 
 
+def _pinned(batch: dict) -> dict:
+    return {key: value.pin_memory() for key, value in batch.items()}
+
+
 class _Steps:
     """This rank's micro-batches as lists of pairs, resolved in the main process as they are asked for, from
     ``start`` to the dataset's end; stops early at an exhausted blend member and keeps the error."""
@@ -85,7 +89,8 @@ class BatchSource:
     ``{"tokens": [seq + 1]}`` samples); see the module docstring."""
 
     def __init__(self, dataset, *, micro_batch_size: int, num_micro_batches: int, dp_rank: int = 0,
-                 dp_size: int = 1, num_workers: int = 0, consumed_samples: int = 0, seed: int = 0):
+                 dp_size: int = 1, num_workers: int = 0, consumed_samples: int = 0, seed: int = 0,
+                 pin_memory: bool = False):
         if micro_batch_size < 1 or num_micro_batches < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"BatchSource: micro_batch_size {micro_batch_size}, num_micro_batches "
                              f"{num_micro_batches}, dp_rank {dp_rank} of {dp_size} are not a valid layout")
@@ -95,6 +100,8 @@ class BatchSource:
         self.dataset = dataset
         self.micro_batch_size, self.num_micro_batches = micro_batch_size, num_micro_batches
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        # On a GPU: batches in page-locked memory, so the copy to the device is asynchronous (non_blocking).
+        self.pin_memory = pin_memory
         self.step_size = micro_batch_size * dp_size  # samples of all DP ranks per micro-batch step
         self.consumed_samples = consumed_samples  # global: samples read by all DP ranks together
         self.selection_rng = np.random.default_rng(seed)  # for selection methods; saved in state_dict
@@ -125,12 +132,13 @@ class BatchSource:
         self._steps = _Steps(self, self.consumed_samples)
         reader = _MemberReader(self._members())
         if self.num_workers == 0:
-            self._stream = (collate_samples([reader[p] for p in pairs]) for pairs in self._steps)
+            pin = _pinned if self.pin_memory else (lambda batch: batch)
+            self._stream = (pin(collate_samples([reader[p] for p in pairs])) for pairs in self._steps)
             return
         from torch.utils.data import DataLoader
 
         loader = DataLoader(reader, batch_sampler=self._steps, collate_fn=collate_samples,
-                            num_workers=self.num_workers)
+                            num_workers=self.num_workers, pin_memory=self.pin_memory)
         self._stream = iter(loader)
 
     def close(self) -> None:

@@ -43,10 +43,11 @@ def aux_loss_scale(loss_scale: float, num_micro_batches: int, per_token_loss: bo
     return loss_scale / num_micro_batches
 
 
-def iteration_loss(results: list, pstate: ParallelState, per_token_loss: bool = False) -> tuple[float, float]:
-    """(loss, global token count) of an iteration from the schedule's per-micro-batch results, the same on
-    every rank: the mean of the micro-batches' token means over micro-batches and DP ranks (what the default
-    backward optimises), or with `per_token_loss` the global token mean."""
+def iteration_loss_tensor(results: list, pstate: ParallelState, per_token_loss: bool = False) -> torch.Tensor:
+    """[loss, global token count] of an iteration from the schedule's per-micro-batch results, float64 on the
+    communication device and the same on every rank, without reading it on the host: the mean of the
+    micro-batches' token means over micro-batches and DP ranks (what the default backward optimises), or with
+    `per_token_loss` the global token mean."""
     device = communication_device()
     if results:
         sums = torch.stack([r.loss_sum for r in results]).to(device, torch.float64)
@@ -60,10 +61,14 @@ def iteration_loss(results: list, pstate: ParallelState, per_token_loss: bool = 
         dist.all_reduce(both, group=pstate.grad_group)
     if pstate.pp_size > 1:
         dist.broadcast(both, src=pstate.pp_ranks[-1], group=pstate.pp_group)
-    value, count = both.tolist()
-    if per_token_loss:
-        return value / max(count, 1.0), count
-    return value / pstate.grad_size, count
+    value, count = both.unbind()
+    return torch.stack([value / count.clamp(min=1) if per_token_loss else value / pstate.grad_size, count])
+
+
+def iteration_loss(results: list, pstate: ParallelState, per_token_loss: bool = False) -> tuple[float, float]:
+    """`iteration_loss_tensor`, read on the host: (loss, global token count)."""
+    value, count = iteration_loss_tensor(results, pstate, per_token_loss).tolist()
+    return value, count
 
 
 def per_domain_losses(results: list, pstate: ParallelState, names: list[str]) -> dict[str, float]:

@@ -147,8 +147,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, iteration: in
 
 
 @torch.no_grad()
-def global_grad_norm(params, norm_group=None, is_owner=None) -> float:
-    """L2 norm of all gradients across the model-parallel group.
+def global_grad_norm_sq(params, norm_group=None, is_owner=None) -> torch.Tensor:
+    """The squared L2 norm of all gradients across the model-parallel group, as a 0-dim tensor on the device
+    (not read on the host: the caller reads it with the iteration's other values in one sync).
 
     `is_owner(param)` tells whether this rank counts a parameter (replicated TP parameters and tied
     copies are counted once); `norm_group` is the group that holds the model's pieces (TP x PP).
@@ -160,7 +161,7 @@ def global_grad_norm(params, norm_group=None, is_owner=None) -> float:
         total = torch.zeros((), device=communication_device())
     if norm_group is not None and dist.get_world_size(norm_group) > 1:
         dist.all_reduce(total, group=norm_group)
-    return math.sqrt(total.item())
+    return total
 
 
 @torch.no_grad()

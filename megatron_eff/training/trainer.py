@@ -63,13 +63,13 @@ from megatron_eff.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
-from megatron_eff.training.loss import attach_aux_loss, aux_loss_scale, iteration_loss
+from megatron_eff.training.loss import attach_aux_loss, aux_loss_scale, iteration_loss, iteration_loss_tensor
 from megatron_eff.training.lr_schedule import checkpoint_schedule, learning_rate, schedule_differences
 from megatron_eff.training.optimizer import (
     build_optimizer,
     clip_gradients,
     decoupled_lr_groups,
-    global_grad_norm,
+    global_grad_norm_sq,
     set_learning_rate,
 )
 from megatron_eff.training.report import end_summary, startup_summary
@@ -92,6 +92,7 @@ class StepResult:
     grad_norm: float
     skipped: bool
     overflow: bool = False  # FP16 loss scaling: the scaled gradients overflowed (skipped, not a bad step)
+    agreed: list[float] = field(default_factory=list)  # what `agree` returned, read on the host
 
 
 def set_seed(seed: int) -> None:
@@ -180,8 +181,12 @@ def build_datasets(config: Config, pstate: ParallelState, vocab_size: int):
 def train_step(model, optimizer, batches, num_micro_batches: int, config: Config, pstate: ParallelState,
                lr: float, autocast, grad_sync: GradSync | None = None, methods: MethodList | None = None,
                iteration: int = 0, precision: PrecisionRuntime | None = None, forward_step=lm_forward_step,
-               consumed_samples: int | None = None) -> StepResult:
+               consumed_samples: int | None = None, agree=None) -> StepResult:
     """One iteration over `num_micro_batches` micro-batches; the step is skipped on a NaN/inf.
+
+    Losses, token counts and the gradient norm stay on the device until one host read per iteration, just
+    before the skip decision. `agree` (optional) returns more device values to read at that point: the
+    trainer's exit agreement over ranks rides along instead of costing a sync of its own.
 
     `grad_sync` (bucketed, possibly overlapped / sharded gradient reduction) is armed before the schedule
     and finished after it; without one, gradients are reduced by `finalize_gradients`. `methods` see the
@@ -204,24 +209,31 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
     # The distributed optimizer's main params are this rank's shard pieces, normed over every rank.
     main_params = getattr(optimizer, "main_params", params)
     per_token = config.train.calculate_per_token_loss
-    loss, tokens = iteration_loss(results, pstate, per_token)
+    loss_and_tokens = iteration_loss_tensor(results, pstate, per_token)  # on the device until the sync below
     if per_token:  # the DP (x CP) all-reduce averaged sums of token losses: x dp cp / (global token count)
         grads = [p.grad for p in main_params if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, pstate.grad_size / max(tokens, 1.0))
+            factor = pstate.grad_size / loss_and_tokens[1].clamp(min=1)
+            torch._foreach_mul_(grads, factor.to(grads[0].device, grads[0].dtype))
     if precision is not None:
         precision.unscale_(main_params, loss_scale)
     if methods is not None:
         methods.after_backward(iteration)
     norm_group = getattr(optimizer, "grad_norm_group", pstate.model_parallel_group)
-    grad_norm = global_grad_norm(main_params, norm_group, is_owner=lambda p: _counts_once(p, pstate))
+    norm_sq = global_grad_norm_sq(main_params, norm_group, is_owner=lambda p: _counts_once(p, pstate))
+    values = [loss_and_tokens, norm_sq.to(loss_and_tokens.device, torch.float64).reshape(1)]
+    if agree is not None:
+        values.append(agree().to(loss_and_tokens.device, torch.float64).reshape(-1))
+    # The iteration's one host sync: the skip decision (and clipping) needs the loss and the norm on the host.
+    loss, _tokens, norm_sq, *agreed = torch.cat(values).tolist()
+    grad_norm = math.sqrt(norm_sq)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         for p in params:
             p.grad = None
         overflow = math.isfinite(loss) and precision is not None and precision.loss_scaler is not None
         if precision is not None:
             precision.end_step(overflow)
-        return StepResult(loss, grad_norm, skipped=True, overflow=overflow)
+        return StepResult(loss, grad_norm, skipped=True, overflow=overflow, agreed=agreed)
     clip_gradients(main_params, config.optim.clip_grad, grad_norm)
     set_learning_rate(optimizer, lr, max(iteration - 1, 0), config.optim, config.train.train_iters,
                       consumed_samples)
@@ -232,7 +244,7 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
         if grad_sync is not None:  # methods read and write the weights: finish the parameter gather
             grad_sync.finish_param_gather()
         methods.after_step(iteration)
-    return StepResult(loss, grad_norm, skipped=False)
+    return StepResult(loss, grad_norm, skipped=False, agreed=agreed)
 
 
 def _batch_schedule(config: Config, pstate: ParallelState, methods_on: bool):
@@ -289,12 +301,13 @@ class _ExitSignal:
         self.received = True
 
 
-def _max_over_ranks(value: int) -> int:
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], device=communication_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+def _max_over_ranks(value: int) -> torch.Tensor:
+    """`value`'s maximum over all ranks as a device tensor, not read on the host (the caller reads it with
+    the iteration's other values)."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=communication_device())
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 # Reasons to stop that one rank may see and another not, by precedence: every rank takes the highest any has.
@@ -352,6 +365,7 @@ class Trainer:
             self.train_ds, micro_batch_size=config.train.micro_batch_size,
             num_micro_batches=config.train.num_micro_batches(pstate.dp_size), dp_rank=pstate.dp_rank,
             dp_size=pstate.dp_size, num_workers=config.data.num_workers, seed=config.train.seed,
+            pin_memory=self.device.type == "cuda",
         )
         self.methods.attach(self)
         self._load_checkpoint()  # the methods' and the batch source's state too
@@ -436,12 +450,12 @@ class Trainer:
         return gbs // (self.config.train.micro_batch_size * self.pstate.dp_size)
 
     def train_step(self, batches: list[dict], iteration: int, lr: float,
-                   consumed_samples: int | None = None) -> StepResult:
+                   consumed_samples: int | None = None, agree=None) -> StepResult:
         self._loss_scale = self.precision.loss_scale(len(batches))
         return train_step(self.model, self.optimizer, iter(batches), len(batches), self.config, self.pstate, lr,
                           self.autocast, self.grad_sync, methods=self.methods, iteration=iteration,
                           precision=self.precision, forward_step=self.forward_step,
-                          consumed_samples=consumed_samples)
+                          consumed_samples=consumed_samples, agree=agree)
 
     def evaluate(self) -> dict[str, float]:
         """{"loss": blended validation loss, domain: that domain's validation loss, ...}."""
@@ -515,16 +529,23 @@ class Trainer:
         self.logger.scalars(iteration, scalars)
         self.methods.on_validation(iteration, losses)
 
-    def _exit_reason(self, exit_signal: _ExitSignal) -> str | None:
-        """Why to stop after this iteration, or None to go on. Every rank returns the same: a SIGTERM or the
-        clock seen by one rank stops all (a signal wins over the duration limit), so all save and exit together."""
+    def _agree_exit(self, exit_signal: _ExitSignal) -> torch.Tensor:
+        """The rank-local reason to stop (a SIGTERM, or past --exit-duration-in-mins), maxed over all ranks on
+        the device; asked by the train step after the backward and read with its one host sync."""
         train = self.config.train
         minutes = (time.time() - self.start_time) / 60
         timed_out = train.exit_duration_in_mins is not None and minutes > train.exit_duration_in_mins
         local = "signal" if exit_signal.received else "duration" if timed_out else None
-        reason = _RANK_LOCAL_REASONS[_max_over_ranks(_RANK_LOCAL_REASONS.index(local))]
+        return _max_over_ranks(_RANK_LOCAL_REASONS.index(local))
+
+    def _exit_reason(self, agreed: float) -> str | None:
+        """Why to stop after this iteration, or None to go on. Every rank returns the same: a SIGTERM or the
+        clock seen by one rank stops all (a signal wins over the duration limit), so all save and exit together.
+        `agreed` is `_agree_exit`'s value for this iteration."""
+        reason = _RANK_LOCAL_REASONS[int(agreed)]
         if reason:
             return reason
+        train = self.config.train
         if train.exit_interval and self.state.iteration % train.exit_interval == 0:
             return "--exit-interval"
         return None
@@ -553,14 +574,14 @@ class Trainer:
             # Model FLOPs (no recompute), the numerator of MFU.
             flops_per_iter = flops_lib.model_flops_per_iteration(config.model, tokens_per_iter,
                                                                  config.model.seq_length)
-            result = self.train_step(batches, iteration, lr, consumed)
+            result = self.train_step(batches, iteration, lr, consumed, agree=lambda: self._agree_exit(exit_signal))
             state.iteration = iteration
             state.consumed_train_samples = self.batch_source.consumed_samples
             self.step_hooks.after_iteration(iteration)
             bad_steps = self._account_skips(result, bad_steps)
             self.result.losses.append(result.loss)
             self.logger.record(result.loss, tokens_per_iter, flops_per_iter, skipped=result.skipped)
-            reason = self._exit_reason(exit_signal)
+            reason = self._exit_reason(result.agreed[0])
             if state.iteration % train.log_interval == 0 or state.iteration == train.train_iters or reason:
                 self.logger.flush(state, lr, result.grad_norm, loss_scale=self.precision.fp16_loss_scale,
                                   extra=self.methods.log_scalars())

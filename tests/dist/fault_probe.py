@@ -23,7 +23,7 @@ RANK = int(os.environ["RANK"])
 _train_step = trainer_lib.Trainer.train_step
 
 
-def faulty_train_step(self, batches, iteration, lr, *rest):
+def faulty_train_step(self, batches, iteration, lr, *rest, **kwargs):
     if iteration == 2 and MODE == "stop" and RANK == 1:
         os.kill(os.getpid(), signal.SIGSTOP)
     if iteration == 2 and MODE == "sigterm":
@@ -31,7 +31,7 @@ def faulty_train_step(self, batches, iteration, lr, *rest):
             os.kill(os.getpid(), signal.SIGTERM)  # handled by --exit-signal-handler: remembered, not fatal
         else:
             self.start_time = 0.0  # this rank's --exit-duration-in-mins has run out
-    return _train_step(self, batches, iteration, lr, *rest)
+    return _train_step(self, batches, iteration, lr, *rest, **kwargs)
 
 
 trainer_lib.Trainer.train_step = faulty_train_step

@@ -4,6 +4,7 @@ test_sheared_parallel.py; dynamic batch loading in test_dbl.py."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -201,6 +202,15 @@ def test_extraction_tool_and_continued_pretraining(tmp_path):
     assert printed[printed.index("--num-layers") + 1] == "2" and printed[printed.index("--hidden-size") + 1] == "40"
     result = Trainer(config_from_args(parse_args([*printed, *TRAIN, "--train-iters", "2"]))).train()
     assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+    tools = {"evaluate": ["--text-file", str(tmp_path / "ids.txt"), "--results-json", str(tmp_path / "eval.json")],
+             "generate": ["--prompt", "5 17 42", "--max-new-tokens", "4", "--device", "cpu"]}
+    (tmp_path / "ids.txt").write_text(" ".join(str(i % 200) for i in range(0, 700, 7)))  # NullTokenizer: ids
+    for tool, args in tools.items():  # the tools take it as any checkpoint
+        run = subprocess.run([sys.executable, f"tools/{tool}.py", "--load", str(out), *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (tool, run.stderr)
+    assert math.isfinite(json.loads((tmp_path / "eval.json").read_text())["loss"])
+    assert len(run.stdout.split()) <= 3 + 4 and run.stdout.split()[:3] == ["5", "17", "42"]  # (may stop at eod)
     hf = export_to_hf(str(out), str(tmp_path / "hf"))  # the HF export takes it as any checkpoint
     assert (hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"],
             hf["intermediate_size"]) == (2, 40, 2, 1, 48)

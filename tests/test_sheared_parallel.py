@@ -1,8 +1,9 @@
-"""Pruning under TP2, PP2 and DP2 against one process (torchrun, gloo, CPU): the same losses, weights, mask
-logits and Lagrange multipliers (`assert_same_run` compares every parameter, `prune.*` included). Gates are
-drawn per global micro-batch from the full mask's noise, the expected-size totals are reduced over TP and
-PP, and the replicated hidden mask and lambdas are summed over the pipeline: any slip there changes the
-masks or lambdas by far more than float64 reordering (see tests/dist_utils.py for the tolerances)."""
+"""Pruning under TP2 (with and without sequence parallelism), PP2 and DP2 against one process (torchrun,
+gloo, CPU): the same losses, weights, mask logits and Lagrange multipliers (`assert_same_run` compares every
+parameter, `prune.*` included). Gates are drawn per global micro-batch from the full mask's noise, the
+expected-size totals are reduced over TP and PP, and the replicated hidden mask and lambdas are summed over
+the pipeline: any slip there changes the masks or lambdas by far more than float64 reordering (see
+tests/dist_utils.py for the tolerances)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def prune_reference(tmp_path_factory):
 
 @pytest.mark.parametrize("name, flags", [
     ("tp2", ["--tensor-model-parallel-size", "2"]),
+    ("tp2-sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     ("pp2", ["--pipeline-model-parallel-size", "2"]),
     ("dp2-distopt", ["--use-distributed-optimizer"]),
 ])

@@ -52,12 +52,13 @@ def test_linears_hold_fp8_weights_that_the_gemm_uses():
         assert not torch.equal(fc1(x), before)
 
 
-@pytest.mark.parametrize("recipe, global_batch", [
-    ("delayed", "2"),  # one micro-batch per step: the delayed scale is the same at the cast and in the GEMM
-    ("tensorwise", "4"),  # two micro-batches: current scaling takes W's own amax at either point
+@pytest.mark.parametrize("global_batch, extra", [
+    ("2", []),  # delayed, one micro-batch per step: the same scale at the cast and in the GEMM
+    ("4", ["--fp8-recipe", "tensorwise"]),  # two micro-batches: current scaling takes W's own amax at either point
+    ("2", ["--fp8-gemm", "scaled_mm"]),  # torch._scaled_mm takes the FP8 weight as it is
 ])
-def test_training_equals_the_run_without_the_flag(recipe, global_batch):
-    flags = ["--train-iters", "3", "--global-batch-size", global_batch, "--fp8-recipe", recipe]
+def test_training_equals_the_run_without_the_flag(global_batch, extra):
+    flags = ["--train-iters", "3", "--global-batch-size", global_batch, *extra]
     losses, params = _train(*flags)
     fp8_losses, fp8_params = _train(*flags, "--fp8-param-gather")
     assert fp8_losses == losses

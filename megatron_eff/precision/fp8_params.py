@@ -72,8 +72,9 @@ def attach_fp8_weights(model: nn.Module) -> int:
 
 
 def fp8_weight_linears(model_chunks) -> list[nn.Module]:
-    return [m for chunk in model_chunks for m in chunk.modules() if isinstance(getattr(m, "fp8_weight", None),
-                                                                                Fp8Weight)]
+    """The linears of `model_chunks` that hold an `Fp8Weight`."""
+    modules = (m for chunk in model_chunks for m in chunk.modules())
+    return [m for m in modules if isinstance(getattr(m, "fp8_weight", None), Fp8Weight)]
 
 
 def fp8_weight_params(model_chunks) -> list[nn.Parameter]:

@@ -105,7 +105,9 @@ def test_dp2_distributed_optimizer_gathers_uint8_and_equals_one_process(tmp_path
              "--fp8-param-gather"]
     reference = run_layout(tmp_path / "ref.pt", flags)
     ckpt = str(tmp_path / "ckpt")
-    dp2 = run_layout(tmp_path / "dp2.pt", [*flags, "--use-distributed-optimizer", "--save", ckpt], nproc=2)
+    several_buckets = ["--ddp-bucket-size", "4000", "--overlap-grad-reduce", "--overlap-param-gather"]
+    dp2 = run_layout(tmp_path / "dp2.pt", [*flags, "--use-distributed-optimizer", *several_buckets, "--save", ckpt],
+                     nproc=2)
     assert_same_run(dp2, reference)
     fp8_numel = sum(p.numel() for name, p in reference["params"].items() if name.endswith(LINEARS))
     other_numel = sum(p.numel() for name, p in reference["params"].items() if not name.endswith(LINEARS))

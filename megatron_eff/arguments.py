@@ -206,6 +206,10 @@ def _precision_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-gemm", choices=["emulate", "scaled_mm"], default="emulate",
                    help="local backend's FP8 GEMMs: emulate (fake-quantised inputs, FP32/BF16 GEMM) or scaled_mm "
                         "(real FP8 GEMMs with torch._scaled_mm, no TE needed; delayed/tensorwise recipes)")
+    g.add_argument("--fp8-param-gather", action="store_true",
+                   help="keep the weights of the FP8 linears in FP8 (E4M3 + one scale, cast from the FP32 master "
+                        "weights after each step); with --use-distributed-optimizer the parameter all-gather moves "
+                        "them as FP8 bytes (local backend, per-tensor recipes)")
     g.add_argument("--first-last-layers-bf16", action="store_true",
                    help="keep the first and the last transformer layer out of FP8")
     g.add_argument("--loss-scale", type=float, help="static FP16 loss scale (default: dynamic loss scaling; with "
@@ -240,7 +244,7 @@ def precision_config_from_args(args: argparse.Namespace) -> PrecisionConfig:
              "first_last_layers_bf16", "loss_scale", "initial_loss_scale", "loss_scale_window", "min_loss_scale",
              "hysteresis", "unit_scaling", "unit_scaling_residual_tau_attn", "unit_scaling_residual_tau_mlp",
              "fp8_gemm", "unit_scaling_residual", "unit_scaling_residual_mult", "unit_scaling_residual_attn_ratio",
-             "unit_scaling_lr_scaling", "fp8_block_fp32_scales"]
+             "unit_scaling_lr_scaling", "fp8_block_fp32_scales", "fp8_param_gather"]
     return PrecisionConfig(**{name: getattr(args, name) for name in names})
 
 

@@ -437,6 +437,9 @@ class PrecisionConfig:
     fp8_block_fp32_scales: bool = False  # blockwise: FP32 scales instead of powers of two (TE's default)
     fp8_gemm: str = "emulate"  # local backend: emulate (fake-quantised) | scaled_mm (torch._scaled_mm FP8 GEMMs)
     first_last_layers_bf16: bool = False  # keep the first and last transformer layer out of FP8
+    # the FP8 linears' weights kept in FP8 (cast from the FP32 masters after each step); with the distributed
+    # optimizer the parameter all-gather of those weights moves FP8 bytes (precision/fp8_params.py)
+    fp8_param_gather: bool = False
     loss_scale: float | None = None  # static FP16 loss scale; None: dynamic
     initial_loss_scale: float = 2.0**16
     loss_scale_window: int = 1000
@@ -479,6 +482,11 @@ class PrecisionConfig:
         require(not self.fp8_block_fp32_scales or self.fp8_recipe == "blockwise",
                  f"--fp8-block-fp32-scales is for --fp8-recipe blockwise, got {self.fp8_recipe}")
         require(self.first_last_layers_bf16 is False or self.fp8, "--first-last-layers-bf16 needs --fp8-format")
+        require(not self.fp8_param_gather or self.fp8,
+                "--fp8-param-gather needs --fp8-format: it keeps the weights of the FP8 GEMMs in FP8")
+        require(not self.fp8_param_gather or self.fp8_recipe in ("delayed", "tensorwise", "unscaled"),
+                f"--fp8-param-gather keeps one scale per weight: it supports the per-tensor recipes (--fp8-recipe "
+                f"delayed, tensorwise or unscaled), got --fp8-recipe {self.fp8_recipe}")
         require(self.loss_scale is None or self.loss_scale > 0,
                  f"--loss-scale must be positive, got {self.loss_scale}")
         require(self.initial_loss_scale > 0, f"--initial-loss-scale must be positive, got {self.initial_loss_scale}")
@@ -507,6 +515,10 @@ class PrecisionConfig:
                  "--fp8-gemm scaled_mm is for --transformer-impl local (Transformer Engine runs its own FP8 GEMMs)")
         if self.fp8_gemm == "scaled_mm":
             self._check_scaled_mm_sizes(model, tensor_parallel_size)
+        require(not self.fp8_param_gather or model.transformer_impl == "local",
+                "--fp8-param-gather is built for --transformer-impl local; with transformer_engine it would be TE's "
+                "own FP8 parameters (fp8_model_init), which are not wired here because TE cannot be tested without "
+                "a GPU")
         require(not self.unit_scaling or model.transformer_impl == "local",
                  "--unit-scaling is implemented for --transformer-impl local only, not transformer_engine")
         require(not (self.fp8 and self.fp8_recipe == "unscaled") or model.transformer_impl == "local",

@@ -23,7 +23,6 @@ NO_EFFECT = {
                      "across TP/PP/DP on load",
     "--empty-unused-memory-level": "the CUDA caching allocator is left alone; nothing to empty on CPU",
     "--no-create-attention-mask-in-dataloader": "the data pipeline never builds attention masks (causal SDPA)",
-    "--fp8-param-gather": "parameters are kept and all-gathered in their master dtype; FP8 is applied at the GEMM",
     "--log-throughput": "tokens/s, TFLOP/s and MFU are always logged",
     "--no-masked-softmax-fusion": "softmax is inside SDPA",
     "--no-bias-gelu-fusion": "no fused bias-GeLU kernel is used",

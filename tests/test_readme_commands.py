@@ -308,6 +308,7 @@ RULES: dict[str, Rule] = {
     "fp16": Rule(r"--train-iters 50 --fp16", finished_at(3), extra="--train-iters 3"),
     "fp8-emulated": Rule(r"--fp8-amax-compute-algo", finished_at(3), extra="--train-iters 3"),
     "fp8-scaled-mm": Rule(r"--fp8-gemm scaled_mm", finished_at(3), extra="--train-iters 3"),
+    "fp8-param-gather": Rule(r"--fp8-param-gather", finished_at(3), extra="--train-iters 3", slow=True),
     "fp8-te": Rule(r"--transformer-impl transformer_engine", te_needs_gpu, extra="--train-iters 2"),
     "unit-scaling-fp8": Rule(r"--unit-scaling .*--fp8-recipe unscaled", finished_at(3), extra="--train-iters 3"),
     "unit-scaling-fp16": Rule(r"--unit-scaling --fp16$", finished_at(3), extra="--train-iters 3"),

@@ -33,6 +33,13 @@ waits for all its buckets and records which modules ran; afterwards the chunk wa
 buckets of modules that did not run. Code that reads or writes parameters outside a forward (method hooks
 after the step, checkpoints, the next step) calls `finish_param_gather()` first; it is idempotent.
 
+FP8 parameter gather (`fp8_params`, `--fp8-param-gather`): those parameters (the FP8 linears' weights) go into
+buckets of their own, first in the layout, and get a one-byte model copy in `fp8_buffer` (uint8, the same
+offsets). After a sharded step `before_param_gather` (set by `precision/fp8_params.py`) casts each rank's owned
+slices into it, and the all-gather of those buckets moves the uint8 buffer instead of the FP32 one: their FP32
+values outside the owned slice are not updated (the model computes with the FP8 copy) until
+`gather_fp32_masters()`. `param_gather_bytes` says what the last all-gather moved, per dtype.
+
 Every step is a no-op when its group has one rank, so a single-process run pays nothing.
 """
 
@@ -106,21 +113,24 @@ class Bucket:
     waiting: int = 0  # parameters whose final gradient of the iteration is not there yet
     work: list = field(default_factory=list)  # (handle, scratch) of the in-flight reduction
     param_gather: tuple | None = None  # (handle, shard) of the in-flight parameter all-gather
+    fp8: bool = False  # its parameters' model copy is FP8: gathered as uint8 from `GradSync.fp8_buffer`
 
     @property
     def numel(self) -> int:
         return self.end - self.start
 
 
-def _plan_buckets(params, pstate: ParallelState, bucket_size: int) -> tuple[list[Bucket], dict, int]:
-    """Buckets over `params` in reverse order, deferred ones last; returns (buckets, offsets, total)."""
+def _plan_buckets(params, pstate: ParallelState, bucket_size: int,
+                  fp8_params=frozenset()) -> tuple[list[Bucket], dict, int]:
+    """Buckets over `params` in reverse order, those of `fp8_params` first and apart, deferred ones last;
+    returns (buckets, offsets, total)."""
     deferred = [p for p in params if _needs_tp_reduce(p, pstate) or _needs_embedding_reduce(p, pstate)
                 or _needs_pipeline_reduce(p, pstate)]
     deferred_ids = {id(p) for p in deferred}
     regular = [p for p in reversed(params) if id(p) not in deferred_ids]
     buckets, offsets, offset = [], {}, 0
 
-    def close(members: list, is_deferred: bool) -> None:
+    def close(members: list, is_deferred: bool, fp8: bool = False) -> None:
         nonlocal offset
         if not members:
             return
@@ -129,16 +139,20 @@ def _plan_buckets(params, pstate: ParallelState, bucket_size: int) -> tuple[list
             offsets[p] = offset
             offset += p.numel()
         offset = start + -(-(offset - start) // pstate.grad_size) * pstate.grad_size  # pad to a multiple of dp
-        buckets.append(Bucket(list(members), start, offset, is_deferred))
+        buckets.append(Bucket(list(members), start, offset, is_deferred, fp8=fp8))
 
-    members, filled = [], 0
-    for p in regular:
-        members.append(p)
-        filled += p.numel()
-        if filled >= bucket_size:
-            close(members, False)
-            members, filled = [], 0
-    close(members, False)
+    fp8_ids = {id(p) for p in fp8_params}
+    for fp8 in (True, False):
+        members, filled = [], 0
+        for p in regular:
+            if (id(p) in fp8_ids) != fp8:
+                continue
+            members.append(p)
+            filled += p.numel()
+            if filled >= bucket_size:
+                close(members, False, fp8)
+                members, filled = [], 0
+        close(members, False, fp8)
     close(list(reversed(deferred)), True)
     return buckets, offsets, offset
 
@@ -150,13 +164,13 @@ class GradSync:
 
     def __init__(self, params, pstate: ParallelState, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
                  overlap: bool = False, shard: bool = False, overlap_param_gather: bool = False,
-                 reduce_dtype: torch.dtype | None = None):
+                 reduce_dtype: torch.dtype | None = None, fp8_params=()):
         self.params = [p for p in params if p.requires_grad]
         # Reduced (and, sharded, owned) over data x context parallel: CP ranks hold the same weights.
         self.pstate, self.dp_group, self.dp_size = pstate, pstate.grad_group, pstate.grad_size
         self.overlap, self.shard = overlap and self.dp_size > 1, shard
         self.overlap_param_gather = overlap_param_gather and shard and self.dp_size > 1
-        self.buckets, self.offsets, total = _plan_buckets(self.params, pstate, bucket_size)
+        self.buckets, self.offsets, total = _plan_buckets(self.params, pstate, bucket_size, fp8_params)
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         device, dtype = self.params[0].device, self.params[0].dtype  # FP32 master weights: FP32 main grads
         self.grad_buffer = torch.zeros(total, dtype=dtype, device=device)
@@ -171,6 +185,12 @@ class GradSync:
                 view = self._view(self.param_buffer, p)
                 view.copy_(p.detach())
                 p.data = view
+        self.fp8_buffer = None  # the FP8 parameters' one-byte model copies (sharded, with `fp8_params` only)
+        if shard and any(b.fp8 for b in self.buckets):
+            self.fp8_buffer = torch.zeros(max(b.end for b in self.buckets if b.fp8), dtype=torch.uint8,
+                                          device=device)
+        self.before_param_gather = None  # called after a sharded step, before the all-gather (FP8 casts)
+        self.param_gather_bytes: dict[str, int] = {}
         self._expected, self._seen, self._armed = 0, {}, False
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -178,6 +198,10 @@ class GradSync:
     def _view(self, buffer: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
         start = self.offsets[p]
         return buffer[start:start + p.numel()].view_as(p)
+
+    def fp8_view(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """`p`'s one-byte model copy in `fp8_buffer` (uint8, shaped like `p`)."""
+        return self._view(self.fp8_buffer, p)
 
     def owned_range(self, bucket: Bucket) -> tuple[int, int]:
         """The `[lo, hi)` slice of a bucket this data-parallel rank owns (all of it without sharding)."""
@@ -259,16 +283,38 @@ class GradSync:
     @torch.no_grad()
     def all_gather_params(self) -> None:
         """After a sharded step: every rank gets every bucket's updated parameters. With
-        `overlap_param_gather` the all-gathers are only launched (in the order forward needs them)."""
-        if not self.shard or self.dp_size == 1:
+        `overlap_param_gather` the all-gathers are only launched (in the order forward needs them). FP8
+        buckets gather their uint8 copies (cast by `before_param_gather`), the others FP32."""
+        if not self.shard:
             return
+        if self.before_param_gather is not None:
+            self.before_param_gather()
+        if self.dp_size == 1:
+            return
+        self.param_gather_bytes = {}
         for bucket in reversed(self.buckets):  # the deferred bucket (embeddings, norms) and the first layers first
+            buffer = self.fp8_buffer if bucket.fp8 else self.param_buffer
             lo, hi = self.owned_range(bucket)
-            shard = self.param_buffer[lo:hi].clone()
-            out = self.param_buffer[bucket.start:bucket.end]
+            shard = buffer[lo:hi].clone()
+            out = buffer[bucket.start:bucket.end]
             bucket.param_gather = (_all_gather_flat(out, shard, group=self.dp_group, async_op=True), shard)
+            key = str(out.dtype).removeprefix("torch.")
+            self.param_gather_bytes[key] = self.param_gather_bytes.get(key, 0) + out.numel() * out.element_size()
         if not self.overlap_param_gather:
             self.finish_param_gather()
+
+    @torch.no_grad()
+    def gather_fp32_masters(self) -> None:
+        """All-gather the FP32 values of the FP8 buckets, whose step-time all-gather moves only their FP8 copies
+        (collective over DP): for checkpoints, and whoever reads the parameters after the run."""
+        self.finish_param_gather()
+        if not self.shard or self.dp_size == 1:
+            return
+        for bucket in self.buckets:
+            if bucket.fp8:
+                lo, hi = self.owned_range(bucket)
+                shard = self.param_buffer[lo:hi].clone()
+                _all_gather_flat(self.param_buffer[bucket.start:bucket.end], shard, group=self.dp_group)
 
     def finish_param_gather(self, buckets=None) -> None:
         """Wait for the pending parameter all-gathers of `buckets` (default: all); a no-op when none is."""

@@ -5,8 +5,9 @@
 
 The model does not know which precision is on: FP8 emulation and Unit Scaling add links to the GEMM chain of
 the transformer layers' linears (`gemm.py`: FP8 quantises the operands of the kernel, Unit Scaling scales
-around it, in either order of application; `fp8.py`), Unit Scaling also swaps the residual ops and adds
-embedding hooks (`unit_scaling.py`),
+around it, in either order of application; `fp8.py`; with `--fp8-param-gather` the linears hold FP8
+weights cast from the FP32 masters after each step, `fp8_params.py`), Unit Scaling also swaps the residual ops
+and adds embedding hooks (`unit_scaling.py`),
 Transformer Engine is a model backend (`model/te_backend.py`; its FP8 recipes and autocast are
 `transformer_engine.py` here). The trainer owns the loss scaler
 (`loss_scaler.py`); delayed FP8 scaling updates per micro-batch forward and backward, as TE's
@@ -32,6 +33,10 @@ def apply_precision(model: nn.Module, precision, model_config) -> None:
         from megatron_eff.precision.fp8 import Fp8Recipe, apply_fp8
 
         apply_fp8(model, Fp8Recipe.from_config(precision), model_config.num_layers, precision.first_last_layers_bf16)
+        if precision.fp8_param_gather:  # the FP8 linears' weights kept in FP8 (fp8_params.py)
+            from megatron_eff.precision.fp8_params import attach_fp8_weights
+
+            attach_fp8_weights(model)
     if precision.unit_scaling:
         from megatron_eff.precision.unit_scaling import apply_unit_scaling, residual_rule
 
@@ -70,9 +75,10 @@ class PrecisionRuntime:
     """What the trainer does for precision around each step: the loss scale for backward (FP16 loss scaler
     x, under Unit Scaling, the number of micro-batches), unscaling the gradients, the loss scaler's update,
     the delayed-scaling FP8 updates (per micro-batch; amax reduced over TP and DP), TE's FP8 autocast,
-    checkpoint state."""
+    the FP8 weights of `--fp8-param-gather` (cast from the masters after each step and load; with the
+    distributed optimizer, `grad_sync`'s sharded step casts and gathers them), checkpoint state."""
 
-    def __init__(self, config, model_chunks, pstate):
+    def __init__(self, config, model_chunks, pstate, grad_sync=None):
         from megatron_eff.precision.fp8 import Fp8Recipe
         from megatron_eff.precision.loss_scaler import LossScaler
 
@@ -87,6 +93,11 @@ class PrecisionRuntime:
             from megatron_eff.precision.fp8 import DelayedScalingUpdates
 
             self.fp8_updates = DelayedScalingUpdates(self.model, self.fp8_recipe, (pstate.tp_group, pstate.grad_group))
+        self.fp8_params = None
+        if p.fp8_param_gather and self.fp8_recipe is not None:
+            from megatron_eff.precision.fp8_params import Fp8ParamGather
+
+            self.fp8_params = Fp8ParamGather(self.model, self.fp8_recipe, grad_sync)
 
     def wrap_autocast(self, autocast):
         """TE with FP8: `te.fp8_autocast` inside the BF16 autocast; local delayed FP8: `autocast`, then the
@@ -149,6 +160,22 @@ class PrecisionRuntime:
         grads = [p.grad for p in params if p.grad is not None]
         if loss_scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / loss_scale)
+
+    def weights_stepped(self) -> None:
+        """After `optimizer.step()` (not after a skipped step): the FP8 weights follow the masters."""
+        if self.fp8_params is not None:
+            self.fp8_params.weights_stepped()
+
+    def weights_loaded(self) -> None:
+        """After a checkpoint wrote the masters (and the FP8 scales): cast the FP8 weights again."""
+        if self.fp8_params is not None:
+            self.fp8_params.weights_loaded()
+
+    def gather_masters(self) -> None:
+        """Before a checkpoint is written or the run ends: the full FP32 masters on every rank (with the
+        distributed optimizer and FP8 weights, only the owned slices are current after a step)."""
+        if self.fp8_params is not None:
+            self.fp8_params.gather_masters()
 
     def end_step(self, overflow: bool) -> None:
         if self.loss_scaler is not None:

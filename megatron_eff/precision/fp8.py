@@ -43,7 +43,8 @@ Scale edge cases as TE: a zero or non-finite amax keeps the previous scale (dela
 Under BF16 autocast the operands are dequantised to FP32 and the GEMM runs in FP32 (output cast to BF16),
 as an FP8 GEMM with FP32 accumulation does: dequantising to BF16 would round x/scale a second time.
 
-The model does not know any of this: `apply_fp8` swaps the `gemm` callable of the linears.
+The model does not know any of this: `apply_fp8` swaps the `gemm` callable of the linears. With
+`--fp8-param-gather` (`fp8_params.py`) the weight operand is the linear's stored FP8 weight instead of Q(W).
 """
 
 from __future__ import annotations
@@ -177,6 +178,18 @@ class Fp8Gemm(GemmLink):
     def __init__(self, recipe: Fp8Recipe, meta: Fp8Meta, inner=F.linear):
         self.recipe, self.meta, self.inner = recipe, meta, inner
         self.recording = True  # record forward amaxes: set per call (not under no_grad, i.e. evaluation)
+        self.stored = None  # --fp8-param-gather: the linear's `fp8_params.Fp8Weight`, used instead of Q(W)
+
+    def stored_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """--fp8-param-gather: the linear's FP8 weight (shaped like `weight`, the master it was cast from) and
+        its scale; records the master's amax where quantising `weight` would have (delayed scaling's history)."""
+        stored = self.stored
+        if stored.data.numel() != weight.numel():  # a weight override or row selection: refused with the flags
+            raise RuntimeError(f"--fp8-param-gather: this linear got a weight of shape {tuple(weight.shape)}, not "
+                               f"its own {tuple(stored.data.shape)}")
+        if self.recording:
+            self.meta.record_amax(WEIGHT, stored.amax)
+        return stored.data.view(weight.shape), stored.scale
 
     def tensor_scale(self, slot: int, t: torch.Tensor) -> torch.Tensor:
         """Record t's amax (delayed scaling's history) and return its per-tensor scale: the delayed scale in
@@ -192,6 +205,13 @@ class Fp8Gemm(GemmLink):
 
     def _quantizer(self, slot: int):
         recipe, dtype = self.recipe, self.recipe.dtype(slot)
+        if slot == WEIGHT and self.stored is not None:  # already quantised: dequantise (as fake_quantize does)
+
+            def dequantize(t: torch.Tensor) -> torch.Tensor:
+                data, scale = self.stored_weight(t)
+                return (data.float() / scale).to(self.compute_dtype(t))
+
+            return dequantize
 
         def quantize(t: torch.Tensor) -> torch.Tensor:
             if recipe.recipe in ("delayed", "tensorwise", "unscaled"):
@@ -230,6 +250,9 @@ class ScaledMmFp8Gemm(Fp8Gemm):
 
     def to_fp8(self, slot: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t quantised, row-major; the inverse scale that `_scaled_mm` multiplies the product by)."""
+        if slot == WEIGHT and self.stored is not None:
+            data, scale = self.stored_weight(t)
+            return data.contiguous(), scale.reciprocal()
         scale = self.tensor_scale(slot, t)
         return quantize(t, scale, self.recipe.dtype(slot)).contiguous(), scale.reciprocal()
 

@@ -21,6 +21,9 @@ def precision_in_use(config: Config) -> str:
         where = "Transformer Engine" if config.model.transformer_impl == "transformer_engine" else \
             f"local {precision.fp8_gemm}"
         parts.append(f"FP8 {precision.fp8_format} {precision.fp8_recipe} ({where})")
+        if precision.fp8_param_gather:
+            gather = ", all-gathered as FP8" if config.parallel.use_distributed_optimizer else ""
+            parts.append(f"FP8 linear weights (--fp8-param-gather{gather})")
     if train.fp16:
         parts.append(f"loss scale {precision.loss_scale:g}" if precision.loss_scale else "dynamic loss scaling")
     if precision.unit_scaling:

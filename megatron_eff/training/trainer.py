@@ -53,6 +53,7 @@ from megatron_eff.parallel.state import (
     use_cuda,
 )
 from megatron_eff.precision import PrecisionRuntime, apply_precision
+from megatron_eff.precision.fp8_params import fp8_weight_params
 from megatron_eff.training import flops as flops_lib
 from megatron_eff.training.batch_schedule import batch_size_schedule
 from megatron_eff.training.checkpointing import (
@@ -239,6 +240,7 @@ def train_step(model, optimizer, batches, num_micro_batches: int, config: Config
                       consumed_samples)
     optimizer.step()
     if precision is not None:
+        precision.weights_stepped()  # --fp8-param-gather: the FP8 weights follow the masters
         precision.end_step(overflow=False)
     if methods:
         if grad_sync is not None:  # methods read and write the weights: finish the parameter gather
@@ -345,12 +347,13 @@ class Trainer:
             overlap=parallel.overlap_grad_reduce, shard=parallel.use_distributed_optimizer,
             overlap_param_gather=parallel.overlap_param_gather,
             reduce_dtype=torch.bfloat16 if parallel.grad_reduce_in_bf16 else None,
+            fp8_params=fp8_weight_params(self.model),  # --fp8-param-gather: FP8 buckets, gathered as uint8
         )
         self.grad_sync.install_param_gather_hooks(self.model)  # --overlap-param-gather: wait per module
         self.optimizer = build_optimizer(self.named_params.items(), config.optim, self.grad_sync,
                                          decoupled_lr_groups(self.named_params.items(), config.optim)
                                          + self.methods.param_groups())
-        self.precision = PrecisionRuntime(config, self.model, pstate)  # loss scaling, FP8 state, TE autocast
+        self.precision = PrecisionRuntime(config, self.model, pstate, self.grad_sync)  # loss scale, FP8, TE
         self.autocast = self.precision.wrap_autocast(autocast_context(config, self.device))
         for note in config.notes:  # Megatron-LM flags: what was converted or has no effect here
             log(note, pstate.rank == 0)
@@ -397,6 +400,7 @@ class Trainer:
                 layout=_layout(pstate), pstate=pstate, methods=self.methods,
                 extra_state=self.precision.state_tensors(), rank_state_loader=self.precision.load_rank_state,
             )
+            self.precision.weights_loaded()  # --fp8-param-gather: FP8 weights from the loaded masters
             log(f"loaded {load} at iteration {self.state.iteration}", pstate.rank == 0)
             if not config.checkpoint.finetune:
                 self._resume_schedule(load)
@@ -477,6 +481,7 @@ class Trainer:
         if not self.config.checkpoint.save:
             return
         self.grad_sync.finish_param_gather()  # --overlap-param-gather: the stepped weights, not the last forward's
+        self.precision.gather_masters()  # --fp8-param-gather with the distributed optimizer: full FP32 masters
         with self.logger.paused():  # not training time: left out of tokens/s, MFU, ms/it
             path = save_checkpoint(
                 self.config.checkpoint.save, self.state, self.named_params, self.optimizer,
@@ -610,6 +615,7 @@ class Trainer:
         if self.step_hooks.trace_file:
             log(f"profiler trace: {self.step_hooks.trace_file}", True)
         self.grad_sync.finish_param_gather()  # the last step's weights, for whoever reads the model next
+        self.precision.gather_masters()
         summary = self.methods.summary()
         if summary:
             log(summary, self.is_logger)

@@ -9,7 +9,8 @@ Writes `OUT.pt` (from global rank 0) = {"losses": [...], "params": {global_name:
 "optimizer_numel": [per rank]}: the per-iteration losses, every parameter reassembled across TP shards and
 PP stages, and how many optimizer-state elements each rank holds; plus "tied_copies" = {"output_layer.weight":
 full tensor} when a last pipeline stage holds a copy of the tied embedding, and "masks" = {module name: full
-boolean `weight_mask`} when a method (MST) installed masks. With `DUMMY_METHOD=1` the contract-test method
+boolean `weight_mask`} when a method (MST) installed masks, and "param_gather_bytes" = {dtype: bytes} that
+rank 0's last parameter all-gather of the distributed optimizer moved. With `DUMMY_METHOD=1` the contract-test method
 (`tests/dist/dummy_method.py`) is registered (`--dummy` turns it on) and "method" = {"events": its event
 counts, "ema": {global layer index: value}} is added. With `--sat`, "sat" = one entry per rank: {"tp", "dp",
 "pp": its coordinates, "selections": [per iteration: {global layer: (kept query groups, kept channels)}]}.
@@ -109,7 +110,8 @@ def main() -> None:
             sat_runs = gathered
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"sat": sat_runs, "losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
-                    "tied_copies": tied_copies, "masks": masks, "method": method}, out)
+                    "tied_copies": tied_copies, "masks": masks, "method": method,
+                    "param_gather_bytes": trainer.grad_sync.param_gather_bytes}, out)
     shutdown_distributed()
 
 

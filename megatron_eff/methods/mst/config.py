@@ -88,6 +88,9 @@ class MSTConfig:
     def check_run(self, config) -> None:
         """Rules that need the model shape and the run length (`config`: the run's `Config`)."""
         model, train = config.model, config.train
+        require(not config.precision.fp8_param_gather,
+                "--mst cannot be combined with --fp8-param-gather (MST masks and rewrites the weights after the "
+                "step and reads the full FP32 weights; the FP8 weight copy would be cast before that)")
         require(self.hsa_pattern == "none" or config.parallel.context_parallel_size == 1,
                 f"--mst-hsa-pattern {self.hsa_pattern}: hybrid sparse attention is not built for "
                 "--context-parallel-size > 1 (use --mst-hsa-pattern none, or CP 1)")

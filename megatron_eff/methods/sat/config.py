@@ -60,6 +60,9 @@ class SATConfig:
         require(model.transformer_impl == "local",
                 "--sat needs --transformer-impl local (it gathers rows of the local backend's linears; "
                 f"Transformer Engine's modules have fixed sizes), got {model.transformer_impl!r}")
+        require(not config.precision.fp8_param_gather,
+                "--sat cannot be combined with --fp8-param-gather (SAT's GEMMs take selected rows/columns of the "
+                "weights; the FP8 weight copy is the whole tensor)")
         require("mst" not in config.enabled_methods(),
                 "--sat and --mst cannot be combined (MST's weight masks and SAT's omitted rows are not defined "
                 "together)")

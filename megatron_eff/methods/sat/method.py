@@ -142,11 +142,12 @@ class SAT(FlopAccounting, Method):
     @staticmethod
     def _input_hook(state: SATLayer, slot: int):
         """Accumulates the input's per-feature sum of squares and token count (training forwards only; an
-        activation recompute adds both again, which leaves their ratio unchanged)."""
+        activation recompute adds both again, which leaves their ratio unchanged). Summed in the input's dtype
+        (a float64 copy of the activations cost ~8x the sum), accumulated in float64."""
         def hook(module, args):
             if module.training and torch.is_grad_enabled():
                 x = args[0].detach()  # [s, b, h] ([s/tp, b, h] with sequence parallel)
-                state.pending_input[slot, :-1] += x.double().pow(2).sum(dim=(0, 1))
+                state.pending_input[slot, :-1] += x.square().sum(dim=(0, 1))
                 state.pending_input[slot, -1] += x.shape[0] * x.shape[1]
         return hook
 
@@ -158,7 +159,7 @@ class SAT(FlopAccounting, Method):
                 return
             x, index = args[0].detach(), args[1] if len(args) > 1 else None
             dims = (0, 1, 3) if kind == "heads" else (0, 1)  # heads: [s, b, heads, d]; channels: [s, b, ffn]
-            sums = x.double().pow(2).sum(dim=dims) / (x.shape[3] if kind == "heads" else 1)
+            sums = x.square().sum(dim=dims).double() / (x.shape[3] if kind == "heads" else 1)
             pending = state.pending_units[kind]
             if index is None:
                 pending[0] += sums

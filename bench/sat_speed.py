@@ -14,6 +14,7 @@ the best steps are the closer estimate. Figures are measured, never asserted.
     .venv/bin/python bench/sat_speed.py --steps 4                # a quicker look
     .venv/bin/python bench/sat_speed.py --clock wall --threads 2  # wall-clock, two threads (idle machine)
     .venv/bin/python bench/sat_speed.py --setting 0.7,0.5        # extra settings RHO_C,RHO_H (repeatable)
+    .venv/bin/python bench/sat_speed.py --groups 2               # GQA (4 query heads per group), query-head unit
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--groups", type=int, default=0, help="query groups (GQA); 0: MHA")
+    p.add_argument("--head-unit", choices=["query-head", "kv-group"], default="query-head",
+                   help="--sat-head-unit (the same with MHA)")
     p.add_argument("--ffn", type=int, default=1408)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
@@ -52,7 +56,8 @@ def parse() -> argparse.Namespace:
 
 
 def model_flags(a: argparse.Namespace) -> list[str]:
-    return [
+    gqa = ["--group-query-attention", "--num-query-groups", str(a.groups)] if a.groups else []
+    return [*gqa,
         "--num-layers", str(a.layers), "--hidden-size", str(a.hidden), "--num-attention-heads", str(a.heads),
         "--ffn-hidden-size", str(a.ffn), "--seq-length", str(a.seq), "--max-position-embeddings", str(a.seq),
         "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
@@ -83,7 +88,7 @@ def main() -> None:
     dense = Trainer(config_from_args(parse_args(base)))
     sats = [Trainer(config_from_args(parse_args([
         *base, "--sat", "--sat-omission-rate-mlp", str(c), "--sat-omission-rate-heads", str(h),
-        "--sat-lors-start", "1"]))) for c, h in settings]
+        "--sat-lors-start", "1", "--sat-head-unit", a.head_unit]))) for c, h in settings]
     times: dict[str, list[float]] = {"dense": [], **{str(s): [] for s in settings}}
     for it in range(1, a.steps + 3):
         for name, trainer in (("dense", dense), *zip(map(str, settings), sats)):
@@ -91,7 +96,8 @@ def main() -> None:
             if it > 2:
                 times[name].append(dt)
     d, d_best = statistics.median(times["dense"]), min(times["dense"])
-    print(f"LLaMA shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, ffn {a.ffn}, seq {a.seq}, "
+    groups = f" in {a.groups} query groups (SAT unit: {a.head_unit})" if a.groups else ""
+    print(f"LLaMA shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads{groups}, ffn {a.ffn}, seq {a.seq}, "
           f"batch {a.batch}, vocab {a.vocab}; fp32 CPU, {torch.get_num_threads()} threads, {a.steps} timed steps, "
           f"{a.clock} clock")
     print(f"dense: median step {d * 1e3:.0f} ms, best {d_best * 1e3:.0f} ms")

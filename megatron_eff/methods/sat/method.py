@@ -251,28 +251,20 @@ class SAT(FlopAccounting, Method):
     @torch.no_grad()
     def _fold_statistics(self) -> None:
         """This iteration's sums, reduced over DP (inputs also over TP under sequence parallel), into the
-        running averages; then cleared."""
+        running averages; then cleared. Elementwise on the device (no host synchronisation)."""
         if not self.layers:
             return
-        decay = self.cfg.ema_decay
         pending = torch.stack([s.pending_input for s in self.layers])
         self._all_reduce(pending, with_tp=self.sequence_parallel)
-        for state, sums in zip(self.layers, pending):
-            for slot in range(2):
-                if sums[slot, -1] > 0:
-                    mean_sq = sums[slot, :-1] / sums[slot, -1]
-                    old = state.input_sq[slot]
-                    state.input_sq[slot] = mean_sq if old[0] < 0 else decay * old + (1 - decay) * mean_sq
+        for state, sums in zip(self.layers, pending):  # [2, h + 1]: sums of squares, token count
+            _fold(state.input_sq, sums[:, :-1], sums[:, -1:], state.input_sq < 0, self.cfg.ema_decay)
             state.pending_input.zero_()
         for kind in ("heads", "channels"):
             pending = torch.stack([s.pending_units[kind] for s in self.layers])
             self._all_reduce(pending, with_tp=False)
             for state, (sums, counts) in zip(self.layers, pending):
                 score = state.head_sq if kind == "heads" else state.channel_sq
-                seen = counts > 0
-                mean_sq = sums[seen] / counts[seen]
-                old = score[seen]
-                score[seen] = torch.where(old == NEVER, mean_sq, decay * old + (1 - decay) * mean_sq)
+                _fold(score, sums, counts, score == NEVER, self.cfg.ema_decay)
                 state.pending_units[kind].zero_()
 
     def _all_reduce(self, tensor: torch.Tensor, with_tp: bool) -> None:
@@ -407,6 +399,15 @@ class SAT(FlopAccounting, Method):
             line += (f"; measured speed-up {measured:.2f}x, FLOP model {t['predicted'] / t['sparse_n']:.2f}x "
                      f"(dense steps at the end of the ladder are later in training: compare with bench/sat_speed.py)")
         return line
+
+
+def _fold(running: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, fresh: torch.Tensor,
+          decay: float) -> None:
+    """running <- sums / counts where `fresh` (no average yet), else the EMA decay * running + (1 - decay) *
+    sums / counts; unchanged where counts is 0 (broadcast against `running`)."""
+    mean_sq = sums / counts.clamp_min(1)
+    folded = torch.where(fresh, mean_sq, decay * running + (1 - decay) * mean_sq)
+    running.copy_(torch.where(counts > 0, folded, running))
 
 
 def _complement(kept: torch.Tensor, num: int) -> torch.Tensor:

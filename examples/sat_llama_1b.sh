@@ -2,8 +2,9 @@
 # SAT continued pretraining of a dense LLaMA-style 1B (16 layers, h 2048, GQA 32/8, SwiGLU, RoPE) on one node
 # of 8 GPUs (or several): TP 2 with sequence parallelism, DP 4 with the distributed optimizer, BF16,
 # activation recomputation, as examples/llama_1b_8gpu.sh. SAT omits rho_c = 0.5 of the MLP channels and
-# rho_h = 0.25 of the query groups (8 groups: each TP rank keeps 3 of its 4) for the first half of the run,
-# then a 4-stair ladder back to dense. SAT needs --transformer-impl local (the default here).
+# rho_h = 0.25 of the query heads (--sat-head-unit query-head: each TP rank keeps 12 of its 16, the K/V of its
+# 4 groups stay dense) for the first half of the run, then a 4-stair ladder back to dense. SAT needs
+# --transformer-impl local (the default here).
 #
 #   DENSE_CKPT=work_dirs/llama_1b/checkpoints DATA=/data/slimpajama_text_document \
 #     TOKENIZER=/models/llama/tokenizer.model bash examples/sat_llama_1b.sh

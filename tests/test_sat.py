@@ -20,7 +20,8 @@ from megatron_eff.model.sites import find_sites
 from megatron_eff.training import flops
 from megatron_eff.training.trainer import Trainer
 
-# A tiny LLaMA-ish GQA model: 8 heads in 4 query groups (the SAT head unit is a group), SwiGLU.
+# A tiny LLaMA-ish GQA model: 8 heads in 4 query groups, SwiGLU. The default head unit is a query head (K/V
+# dense); GROUP_FLAGS omit whole query groups.
 FLAGS = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "8", "--group-query-attention",
     "--num-query-groups", "4", "--ffn-hidden-size", "64", "--swiglu", "--seq-length", "16",
@@ -30,6 +31,7 @@ FLAGS = [
     "--sat", "--sat-omission-rate-heads", "0.5", "--sat-omission-rate-mlp", "0.5", "--sat-lors-start", "0.5",
     "--sat-lors-steps", "2",
 ]
+GROUP_FLAGS = [*FLAGS, "--sat-head-unit", "kv-group"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -76,12 +78,12 @@ def test_trainer_rates_follow_the_ladder():
 # --- importance and selection -----------------------------------------------------------------------------
 
 
-def test_wanda_score_is_weight_times_input_norm_summed_over_the_unit_rows():
+def test_wanda_score_is_weight_times_input_norm_per_row():
     w = torch.tensor([[[1.0, -2.0], [0.5, 0.0]], [[-3.0, 1.0], [0.0, 0.0]]])  # [2 units, 2 rows, h 2]
     rms = torch.tensor([2.0, 0.5])
-    # unit 0: |1|*2 + |-2|*0.5 + |0.5|*2 = 4; unit 1: |-3|*2 + |1|*0.5 = 6.5
-    assert wanda_scores(w, rms).tolist() == [4.0, 6.5]
-    assert wanda_scores(w, None).tolist() == [3.5, 4.0]  # magnitude
+    # rows: |1|*2 + |-2|*0.5 = 3, |0.5|*2 = 1; |-3|*2 + |1|*0.5 = 6.5, 0 (a unit sums its rows: 4, 6.5)
+    assert wanda_scores(w, rms).tolist() == [[3.0, 1.0], [6.5, 0.0]]
+    assert wanda_scores(w, None).tolist() == [[3.0, 0.5], [4.0, 0.0]]  # magnitude
 
 
 def test_topk_keeps_the_same_count_in_every_block_and_prefers_lower_index_on_ties():
@@ -111,8 +113,11 @@ def _batch(seed=0):
     return tokens, torch.randint(0, 200, (2, 16), generator=g)
 
 
-def test_omission_equals_the_dense_model_with_those_heads_and_channels_zeroed(float64):
-    trainer = trainer_for(FLAGS)
+def _omitted_and_masked_dense(flags, layer0_query_heads=None):
+    """Outputs and gradients of one SAT iteration (a wanda selection after one iteration of statistics;
+    `layer0_query_heads` overrides layer 0's kept query heads), and of the dense model with the omitted query
+    heads and channels zeroed at the sites; the selections."""
+    trainer = trainer_for(flags)
     sat, model = trainer.methods.get("sat"), trainer.model[0]
     model.train()
     tokens, labels = _batch()
@@ -120,8 +125,9 @@ def test_omission_equals_the_dense_model_with_those_heads_and_channels_zeroed(fl
     sat.after_backward(1)
     model.zero_grad()
     sat.before_iteration(2)
+    if layer0_query_heads is not None:
+        sat.layers[0].selection.query_heads = torch.tensor(layer0_query_heads)
     selections = {s.index: s.selection for s in sat.layers}
-    assert all(s.heads.numel() == 2 and s.channels.numel() == 32 for s in selections.values())
     out = model(tokens, labels)
     out.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -131,9 +137,10 @@ def test_omission_equals_the_dense_model_with_those_heads_and_channels_zeroed(fl
     heads_per_group = 2
     for kind, sites in (("heads", find_sites(model, "head")), ("channels", find_sites(model, "ffn"))):
         for _, site in sites:
-            kept = getattr(selections[site.layer], kind)
-            if kind == "heads":
-                kept = (kept.unsqueeze(1) * heads_per_group + torch.arange(heads_per_group)).flatten()
+            selection = selections[site.layer]
+            kept = selection.channels if kind == "channels" else selection.query_heads
+            if kind == "heads" and kept is None:  # kv-group: the query heads of the kept groups
+                kept = (selection.heads.unsqueeze(1) * heads_per_group + torch.arange(heads_per_group)).flatten()
             mask = torch.zeros(8 if kind == "heads" else 64)
             mask[kept] = 1.0
             site.mask = mask
@@ -142,9 +149,32 @@ def test_omission_equals_the_dense_model_with_those_heads_and_channels_zeroed(fl
     torch.testing.assert_close(out, reference, **TOL)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, **TOL, msg=name)
+    return grads, selections
+
+
+def test_group_omission_equals_the_dense_model_with_those_heads_and_channels_zeroed(float64):
+    grads, selections = _omitted_and_masked_dense(GROUP_FLAGS)
+    assert all(s.heads.numel() == 2 and s.query_heads is None and s.channels.numel() == 32
+               for s in selections.values())
     omitted_groups = sorted(set(range(4)) - set(selections[0].heads.tolist()))
     qkv_grad = grads["decoder.layers.0.self_attention.linear_qkv.weight"].view(4, -1, 32)
     assert qkv_grad[omitted_groups].abs().max() == 0  # omitted rows get no gradient
+
+
+@pytest.mark.parametrize("layer0_query_heads", [None, [0, 1, 2, 5]])
+def test_query_head_omission_equals_the_dense_model_with_those_query_heads_zeroed(float64, layer0_query_heads):
+    """GQA, 2 query heads per group: the wanda selection, and one keeping 2, 1, 1 and 0 heads of the groups."""
+    grads, selections = _omitted_and_masked_dense(FLAGS, layer0_query_heads)
+    assert all(s.heads is None and s.query_heads.numel() == 4 and s.channels.numel() == 32
+               for s in selections.values())
+    qkv_grad = grads["decoder.layers.0.self_attention.linear_qkv.weight"].view(4, 2 + 2, 4, 32)  # [g, q q k v, d, h]
+    q_grad = qkv_grad[:, :2].flatten(0, 1)  # [8 query heads, d, h]
+    omitted = sorted(set(range(8)) - set(selections[0].query_heads.tolist()))
+    assert q_grad[omitted].abs().max() == 0  # omitted query heads' rows get no gradient
+    kept = selections[0].query_heads.tolist()
+    assert all(q_grad[i].abs().max() > 0 for i in kept)
+    groups_used = sorted({i // 2 for i in kept})
+    assert all(qkv_grad[g, 2:].abs().max() > 0 for g in groups_used)  # K/V of the kept heads' groups train
 
 
 def test_validation_forward_stays_dense():
@@ -161,29 +191,61 @@ def test_validation_forward_stays_dense():
     assert torch.equal(sparse_selected, dense)
 
 
-def test_gemms_are_really_one_minus_rho_wide():
-    trainer = trainer_for(FLAGS)
-    sat, model = trainer.methods.get("sat"), trainer.model[0]
-    model.train()
-    layer = model.decoder.layers["0"]
+def _record_gemms(layer) -> dict:
+    """{linear name: the weight its GEMM received; "attention": the q, k, v shapes core attention received}."""
     linears = {"qkv": layer.self_attention.linear_qkv, "proj": layer.self_attention.linear_proj,
                "fc1": layer.mlp.linear_fc1, "fc2": layer.mlp.linear_fc2}
-    shapes = {}
+    seen = {}
     for name, linear in linears.items():
         inner = linear.gemm
-        linear.gemm = lambda x, w, b, name=name, inner=inner: (shapes.setdefault(name, tuple(w.shape)),
-                                                               inner(x, w, b))[1]
+        linear.gemm = lambda x, w, b, name=name, inner=inner: (seen.setdefault(name, w.detach()), inner(x, w, b))[1]
+    def attention_shapes(module, args, out):
+        seen.setdefault("attention", [tuple(t.shape) for t in args])
+
+    layer.self_attention.core_attention.register_forward_hook(attention_shapes)
+    return seen
+
+
+def test_group_gemms_are_really_one_minus_rho_wide():
+    trainer = trainer_for(GROUP_FLAGS)
+    sat, model = trainer.methods.get("sat"), trainer.model[0]
+    model.train()
+    seen = _record_gemms(model.decoder.layers["0"])
     sat.before_iteration(1)  # rho_h = rho_c = 0.5
     model(*_batch())
+    shapes = {name: tuple(w.shape) for name, w in seen.items() if name != "attention"}
     d, h = 4, 32  # head dim 32 / 8
     assert shapes["qkv"] == (2 * (2 + 2) * d, h)  # 2 of 4 groups, each 2 q heads + k + v
     assert shapes["proj"] == (h, 2 * 2 * d)  # the kept groups' 4 query heads
     assert shapes["fc1"] == (2 * 32, h)  # gate and up rows of 32 of 64 channels
     assert shapes["fc2"] == (h, 32)
-    shapes.clear()
+    assert seen["attention"] == [(16, 2, 4, d), (16, 2, 2, d), (16, 2, 2, d)]  # q [s, b, heads, d]; GQA k, v
+    seen.clear()
     sat.before_iteration(16)  # the end of the ladder: dense
     model(*_batch())
+    shapes = {name: tuple(w.shape) for name, w in seen.items() if name != "attention"}
     assert shapes == {"qkv": ((8 + 8) * d, h), "proj": (h, 8 * d), "fc1": (128, h), "fc2": (h, 64)}
+
+
+def test_query_head_gemm_is_one_minus_rho_wide_in_q_and_dense_in_k_and_v():
+    trainer = trainer_for(FLAGS)
+    sat, model = trainer.methods.get("sat"), trainer.model[0]
+    model.train()
+    layer = model.decoder.layers["0"]
+    seen = _record_gemms(layer)
+    sat.before_iteration(1)  # rho_h = 0.5: 4 of 8 query heads
+    model(*_batch())
+    kept = sat.layers[0].selection.query_heads.tolist()
+    d, h = 4, 32
+    weight = layer.self_attention.linear_qkv.weight.detach().view(4, 4, d, h)  # [g, q q k v, d, h]
+    q_rows = torch.stack([weight[i // 2, i % 2] for i in kept])  # the kept query heads' q rows
+    expected = torch.cat([q_rows.flatten(0, 1), weight[:, 2].flatten(0, 1), weight[:, 3].flatten(0, 1)])
+    assert torch.equal(seen["qkv"], expected)  # (4 + 4 + 4) d rows: kept q, every group's k, every group's v
+    proj = layer.self_attention.linear_proj.weight.detach().view(h, 8, d)
+    assert torch.equal(seen["proj"], proj[:, kept].flatten(1))  # the kept heads' columns
+    # SDPA over the kept heads, each with its own group's K/V: equal head counts
+    assert seen["attention"] == [(16, 2, 4, d)] * 3
+    assert tuple(seen["fc1"].shape) == (2 * 32, h) and tuple(seen["fc2"].shape) == (h, 32)
 
 
 # --- training: freezing, accounting, resume ----------------------------------------------------------------
@@ -226,8 +288,9 @@ def run(flags, watch=False):
     return trainer.train(), watcher, trainer
 
 
-def test_omitted_rows_do_not_move_with_freeze_and_do_without():
-    flags = [*FLAGS, "--train-iters", "6"]  # every iteration omits (the ladder starts at t = 3)
+@pytest.mark.parametrize("unit_flags", [FLAGS, GROUP_FLAGS], ids=["query-head", "kv-group"])
+def test_omitted_rows_do_not_move_with_freeze_and_do_without(unit_flags):
+    flags = [*unit_flags, "--train-iters", "6"]  # every iteration omits (the ladder starts at t = 3)
     _, frozen, _ = run(flags, watch=True)
     assert len(frozen.changes) > 0 and max(frozen.changes) == 0.0
     assert len(frozen.moment_changes) > 0 and max(frozen.moment_changes) == 0.0
@@ -235,16 +298,19 @@ def test_omitted_rows_do_not_move_with_freeze_and_do_without():
     assert max(moving.changes) > 0  # AdamW's weight decay and momentum move rows that got no gradient
 
 
-def test_flops_saved_follow_the_flop_model_and_the_ladder():
-    result, _, trainer = run(FLAGS)
+@pytest.mark.parametrize("unit_flags", [FLAGS, GROUP_FLAGS], ids=["query-head", "kv-group"])
+def test_flops_saved_follow_the_flop_model_and_the_ladder(unit_flags):
+    result, _, trainer = run(unit_flags)
     sat = trainer.methods.get("sat")
     m = trainer.config.model
     tokens = 4 * 16
     dense = flops.model_flops_per_iteration(m, tokens, 16)
-    # rho = 0.5 for 8 iterations, 0.25 (-> 3 of 4 groups, 48 of 64 channels) for 4, dense for 4. Forward FLOPs
-    # per token of one layer: QKV 2 h (nq + 2g) d, projection 2 nq d h, QK^T and AV 4 s nq d, MLP 3 x 2 h ffn;
-    # training = 3 x forward; the attention part scales with the kept groups, the MLP with the kept channels.
-    attention = 2 * 32 * (8 + 2 * 4) * 4 + 2 * 8 * 4 * 32 + 4 * 16 * 8 * 4  # h 32, nq 8, g 4, d 4, s 16
+    # rho = 0.5 for 8 iterations, 0.25 (-> 6 of 8 query heads or 3 of 4 groups, 48 of 64 channels) for 4, dense
+    # for 4. Forward FLOPs per token of one layer: QKV 2 h (nq + 2g) d, projection 2 nq d h, QK^T and AV
+    # 4 s nq d, MLP 3 x 2 h ffn; training = 3 x forward. The omitted part of the attention: with kv-group all of
+    # it scales with the kept groups; with query-head QKV's k and v rows (2 h 2g d) stay.
+    kv = 2 * 32 * (2 * 4) * 4 if unit_flags is GROUP_FLAGS else 0  # h 32, nq 8, g 4, d 4, s 16
+    attention = 2 * 32 * 8 * 4 + kv + 2 * 8 * 4 * 32 + 4 * 16 * 8 * 4
     mlp = 3 * 2 * 32 * 64
     saved = lambda rho_h, rho_c: 3 * tokens * (rho_h * attention + rho_c * mlp)  # noqa: E731
     expected = 16 * dense - 2 * (8 * saved(0.5, 0.5) + 4 * saved(0.25, 0.25))  # 2 layers
@@ -263,10 +329,11 @@ def test_exempt_layers_stay_dense():
     assert sat.log_scalars()["sat/omission_mlp"] == pytest.approx(0.25)  # half the layers at 0.5
 
 
-@pytest.mark.parametrize("importance", ["wanda", "ema"])
-def test_resume_mid_ladder_is_exact(tmp_path, importance):
+@pytest.mark.parametrize("importance, unit_flags", [("wanda", FLAGS), ("ema", FLAGS), ("wanda", GROUP_FLAGS)],
+                         ids=["wanda-query-head", "ema-query-head", "wanda-kv-group"])
+def test_resume_mid_ladder_is_exact(tmp_path, importance, unit_flags):
     """Stop on the first stair (iteration 10), resume: the same selections, losses and weights, bitwise."""
-    flags = [*FLAGS, "--sat-importance", importance]
+    flags = [*unit_flags, "--sat-importance", importance]
     straight, _, trainer = run(flags)
     run([*flags, "--save", str(tmp_path), "--exit-interval", "10"])
     resumed, _, trainer2 = run([*flags, "--load", str(tmp_path)])
@@ -288,6 +355,9 @@ def test_sat_flags_are_validated_with_the_flag_name():
         config_from_args(parse_args([*FLAGS, "--mst"]))
     with pytest.raises(ValueError, match="--sat-balance-blocks 3"):
         config_from_args(parse_args([*FLAGS, "--sat-balance-blocks", "3"]))
+    with pytest.raises(ValueError, match="--sat-balance-blocks 8 must divide the number of query groups 4"):
+        config_from_args(parse_args([*GROUP_FLAGS, "--sat-balance-blocks", "8"]))
+    assert config_from_args(parse_args([*FLAGS, "--sat-balance-blocks", "8"]))  # 8 query heads
     with pytest.raises(ValueError, match="--sat-exempt-layers"):
         config_from_args(parse_args([*FLAGS, "--sat-exempt-layers", "7"]))
     assert SATConfig().exempt_indices(12) == set()

@@ -6,7 +6,9 @@ same heads and channels at every iteration (DP replicas included) and give the s
 the single process (float64: see tests/dist_utils.py for why 1e-5 is then far above any reordering effect).
 The run crosses the constant stage, both stairs of the ladder and the dense end, and freezes omitted rows.
 Sequence parallelism (the wanda input statistics are then reduced over TP too) and activation recompute
-(which runs the statistics hooks twice) are covered by a TP2 run.
+(which runs the statistics hooks twice) are covered by a TP2 run. Under GQA with `--sat-head-unit query-head`
+(4 query heads in 2 groups, one group per TP rank) each TP2 rank keeps its own count of its group's query heads,
+K/V dense, as the single process does in 2 blocks.
 """
 
 from __future__ import annotations
@@ -61,3 +63,15 @@ def test_sat_layout_selects_the_same_units_and_matches_single_process(tmp_path, 
     # Parameters to 1e-9: a layout that failed to freeze an omitted row would let AdamW's weight decay move it
     # by lr * wd * |w| ~ 1e-3 * 0.1 * 0.02 = 2e-6 per step, and float64 reordering stays below ~1e-12.
     assert_same_run(run, sat_reference, param_atol=1e-9)
+
+
+def test_sat_query_heads_under_tp2_match_single_process(tmp_path):
+    gqa = [*SAT_FLAGS, "--num-query-groups", "2", "--sat-head-unit", "query-head"]
+    reference = run_layout(tmp_path / "ref.pt", [*gqa, "--sat-balance-blocks", "2"])
+    run = run_layout(tmp_path / "tp2.pt", [*gqa, "--tensor-model-parallel-size", "2"], 2)
+    selections = merged_selections(reference)[0]
+    # of 4 query heads in 2 blocks (= the 2 groups): rho 0.5 keeps one head of each group; 0.25 rounds to both
+    assert [len(selections[it][0][0]) for it in (0, 4, 7)] == [2, 4, 4]
+    assert all(sorted(h // 2 for h in selections[it][layer][0]) == [0, 1] for it in range(4) for layer in range(4))
+    assert merged_selections(run)[0] == selections
+    assert_same_run(run, reference, param_atol=1e-9)

@@ -18,9 +18,15 @@ Head counts come from the input: the number of query groups is the QKV output wi
 `(heads per group + 2) * head_dim`, so `forward(x, heads=...)` (a LongTensor of this rank's query-group
 indices; with MHA a group is one head) computes only those groups: QKV's rows of those groups, attention
 over them, `linear_proj`'s input columns of their query heads (smaller GEMMs, `parallel/layers.py`). The
-result equals the full layer with the other heads' context zeroed. `heads=` needs the `local` backend (TE's
-linears and DotProductAttention have fixed sizes) and no KV cache. The per-head context passes the
-`head_site` (`model/sites.py`) before the output projection.
+result equals the full layer with the other heads' context zeroed. `forward(x, query_heads=...)` (this
+rank's query-head indices) omits single query heads instead, K and V of every group staying: QKV computes
+the kept heads' q rows and every group's k and v rows (`qkv_rows_of_query_heads`), each kept head attends to
+its own group's K/V (gathered per kept head, so a group may keep any number of its heads, none included, and
+SDPA runs with equal q and kv heads; the gather copies `[s, b, kept, d]`, ~1/h of the QKV GEMM's work), and
+`linear_proj` takes the kept heads' columns. The result equals the full layer with the other query heads'
+context zeroed. `heads=` and `query_heads=` need the `local` backend (TE's linears and DotProductAttention
+have fixed sizes) and no KV cache. The per-head context passes the `head_site` (`model/sites.py`) before the
+output projection.
 
 Context parallelism (`--context-parallel-size`, `parallel/context_parallel.py`): this rank's s/cp tokens sit
 at load-balanced global positions; RoPE rotates them by those positions and the causal attention over the
@@ -68,31 +74,15 @@ class SelfAttention(nn.Module):
         self.head_site = Site("head", layer_number)  # [s, b, heads, d] context, before linear_proj
         self.context_parallel = ContextParallel.from_state(backend.pstate)  # None without CP
 
-    def forward(self, x: torch.Tensor, inference_cache=None, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """`[s, b, h]` -> `[s, b, h]`; `heads`: only these local query groups (see the module docstring)."""
-        group_width = (self.heads_per_group + 2) * self.head_dim  # a group's q heads, k, v
-        if heads is None:
-            qkv = self.linear_qkv(x)  # [s, b, (nq + 2g) d / tp]
+    def forward(self, x: torch.Tensor, inference_cache=None, heads: torch.Tensor | None = None,
+                query_heads: torch.Tensor | None = None) -> torch.Tensor:
+        """`[s, b, h]` -> `[s, b, h]`; `heads`: only these local query groups, `query_heads`: only these local
+        query heads, K/V dense (see the module docstring)."""
+        if query_heads is not None:
+            q, k, v = self._qkv_of_query_heads(x, query_heads)
         else:
-            qkv = self.linear_qkv(x, rows=_unit_elements(heads, group_width))  # [s, b, len(heads) * group_width]
-        s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, qkv.shape[-1] // group_width, self.heads_per_group + 2, self.head_dim)
-        if self.rotary is not None:  # rotate q and k of every group in one go
-            if self.context_parallel is not None:  # this rank's tokens sit at load-balanced global positions
-                cos, sin = self.rotary(s * self.context_parallel.size, qkv.device, qkv.dtype)
-                positions = self.context_parallel.positions(s, qkv.device)
-                cos, sin = cos[positions], sin[positions]
-            elif inference_cache is None:
-                cos, sin = self.rotary(s, qkv.device, qkv.dtype)
-            else:  # positions offset .. offset + s - 1 (one cos/sin table for the whole generation)
-                cos, sin = self.rotary(inference_cache.max_length, qkv.device, qkv.dtype)
-                cos, sin = (t[inference_cache.offset:inference_cache.offset + s] for t in (cos, sin))
-            qk = apply_rotary(qkv[:, :, :, :-1], cos.unsqueeze(2), sin.unsqueeze(2))
-            q, k = qk[:, :, :, :-1], qk[:, :, :, -1]
-        else:
-            q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
-        v = qkv[:, :, :, -1]  # [s, b, g/tp, d]
-        q = q.reshape(s, b, -1, self.head_dim)  # [s, b, nq/tp, d]
+            q, k, v = self._qkv(x, inference_cache, heads)
+        s, b = q.shape[:2]
         dropout = self.attention_dropout if self.training else 0.0
         if inference_cache is not None:
             out = _in_sdpa_layout(self._cached_attention, q, k, v, inference_cache, dropout)
@@ -102,14 +92,60 @@ class SelfAttention(nn.Module):
                                  "--context-parallel-size > 1")
             out = _in_sdpa_layout(self.sparse_attention, q, k, v, dropout_p=dropout)
         elif self.context_parallel is not None:  # causal attention over the whole sequence of the CP group
-            out = self.context_parallel.attention(q, k, v, dropout, gqa=self.heads_per_group > 1)
+            out = self.context_parallel.attention(q, k, v, dropout, gqa=q.shape[2] > k.shape[2])
         else:
             out = self.core_attention(q, k, v)  # [s, b, nq/tp * d]
-        q_heads = None if heads is None else _unit_elements(heads, self.heads_per_group)  # query heads present
-        out = self.head_site(out.reshape(s, b, -1, self.head_dim), q_heads).flatten(2)  # [s, b, nq/tp * d]
-        if heads is None:
+        if query_heads is None and heads is not None:
+            query_heads = _unit_elements(heads, self.heads_per_group)  # the query heads present
+        out = self.head_site(out.reshape(s, b, -1, self.head_dim), query_heads).flatten(2)  # [s, b, nq/tp * d]
+        if query_heads is None:
             return self.linear_proj(out)  # [s, b, h]
-        return self.linear_proj(out, cols=_unit_elements(q_heads, self.head_dim))
+        return self.linear_proj(out, cols=_unit_elements(query_heads, self.head_dim))
+
+    def _rotary_angles(self, s: int, device, dtype, inference_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[s, 1, 1, r]` at the positions of this rank's `s` tokens."""
+        if self.context_parallel is not None:  # this rank's tokens sit at load-balanced global positions
+            cos, sin = self.rotary(s * self.context_parallel.size, device, dtype)
+            positions = self.context_parallel.positions(s, device)
+            return cos[positions], sin[positions]
+        if inference_cache is None:
+            return self.rotary(s, device, dtype)
+        # positions offset .. offset + s - 1 (one cos/sin table for the whole generation)
+        cos, sin = self.rotary(inference_cache.max_length, device, dtype)
+        return tuple(t[inference_cache.offset:inference_cache.offset + s] for t in (cos, sin))
+
+    def _qkv(self, x: torch.Tensor, inference_cache, heads: torch.Tensor | None):
+        """q `[s, b, nq/tp, d]`, k and v `[s, b, g/tp, d]` of every local group, or of the groups `heads`."""
+        group_width = (self.heads_per_group + 2) * self.head_dim  # a group's q heads, k, v
+        if heads is None:
+            qkv = self.linear_qkv(x)  # [s, b, (nq + 2g) d / tp]
+        else:
+            qkv = self.linear_qkv(x, rows=_unit_elements(heads, group_width))  # [s, b, len(heads) * group_width]
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, qkv.shape[-1] // group_width, self.heads_per_group + 2, self.head_dim)
+        if self.rotary is not None:  # rotate q and k of every group in one go
+            cos, sin = self._rotary_angles(s, qkv.device, qkv.dtype, inference_cache)
+            qk = apply_rotary(qkv[:, :, :, :-1], cos.unsqueeze(2), sin.unsqueeze(2))
+            q, k = qk[:, :, :, :-1], qk[:, :, :, -1]
+        else:
+            q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
+        return q.reshape(s, b, -1, self.head_dim), k, qkv[:, :, :, -1]  # v [s, b, g/tp, d]
+
+    def _qkv_of_query_heads(self, x: torch.Tensor, query_heads: torch.Tensor):
+        """q `[s, b, kept, d]` of the query heads `query_heads`, and k, v `[s, b, kept, d]`: each one's group's."""
+        num_groups = self.linear_qkv.weight.shape[0] // ((self.heads_per_group + 2) * self.head_dim)  # local
+        rows = qkv_rows_of_query_heads(query_heads, num_groups, self.heads_per_group, self.head_dim)
+        qkv = self.linear_qkv(x, rows=rows)  # [s, b, (kept + 2 g/tp) d]: kept q ; every k ; every v
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, -1, self.head_dim)
+        kept = query_heads.numel()
+        qk = qkv[:, :, :kept + num_groups]
+        if self.rotary is not None:
+            qk = apply_rotary(qk, *self._rotary_angles(s, qkv.device, qkv.dtype))
+        group_of_head = query_heads // self.heads_per_group
+        k = qk[:, :, kept:].index_select(2, group_of_head)  # [s, b, kept, d]
+        v = qkv[:, :, kept + num_groups:].index_select(2, group_of_head)
+        return qk[:, :, :kept], k, v
 
     def _cached_attention(self, q, k, v, inference_cache, dropout: float) -> torch.Tensor:
         """SDPA over the KV cache (generation), on every backend: q `[b, nq/tp, s, d]` attends to the cached
@@ -119,6 +155,25 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.heads_per_group > 1
         )  # [b, nq/tp, s, d]
+
+
+def query_rows(query_heads: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """The local QKV output rows of these local query heads' q projections (the per-group layout above)."""
+    return _unit_elements(_query_slots(query_heads, heads_per_group), head_dim)
+
+
+def qkv_rows_of_query_heads(query_heads: torch.Tensor, num_groups: int, heads_per_group: int,
+                            head_dim: int) -> torch.Tensor:
+    """QKV output rows for query-head omission: the q rows of `query_heads`, then the k rows and the v rows of
+    every one of the `num_groups` local groups."""
+    k_slots = torch.arange(num_groups, device=query_heads.device) * (heads_per_group + 2) + heads_per_group
+    q_slots = _query_slots(query_heads, heads_per_group)
+    return _unit_elements(torch.cat([q_slots, k_slots, k_slots + 1]), head_dim)
+
+
+def _query_slots(query_heads: torch.Tensor, heads_per_group: int) -> torch.Tensor:
+    """Where each query head's q sits in QKV's output, in units of head_dim rows."""
+    return query_heads // heads_per_group * (heads_per_group + 2) + query_heads % heads_per_group
 
 
 def _unit_elements(units: torch.Tensor, width: int) -> torch.Tensor:

@@ -15,7 +15,8 @@ Every transformer layer holds identity modules `Site(kind, layer)` at four kinds
 returns x). A method acts on it in either of two ways:
 - `site.mask = tensor` (shape in the table; None switches it off): the site returns `x * mask`,
   broadcast over the other dims. The mask always covers every local head / channel; when the caller
-  computes only some (`heads=` / `channels=`, see `model/transformer.py`), the site applies `mask[index]`.
+  computes only some (`heads=` / `query_heads=` / `channels=`, see `model/transformer.py`), the site
+  applies `mask[index]`.
 - forward hooks: `site.register_forward_hook(hook)`, `hook(site, (x, index), out)` may return a new
   output; `index` is the LongTensor of the local heads / channels present in x (None: all of them).
 

@@ -6,10 +6,11 @@ the model is split.
 
 Structured omission (SAT): a layer computes only some attention heads and ffn channels when its
 `selection` attribute (or the `selection=` argument of `forward`, which wins) is a `LayerSelection`:
-`heads` = this rank's query-group indices to keep, `channels` = this rank's ffn channel indices to keep
-(None: all). The GEMMs are really smaller (`parallel/layers.py` rows/cols), and the result equals the full
-layer with the other heads' context / channels' activation zeroed. A method sets the attribute between
-steps; the block, the pipeline schedule and activation recompute need not know.
+`heads` = this rank's query-group indices to keep (or `query_heads` = this rank's query-head indices, K/V
+of every group kept), `channels` = this rank's ffn channel indices to keep (None: all). The GEMMs are really
+smaller (`parallel/layers.py` rows/cols), and the result equals the full layer with the other heads' context
+/ channels' activation zeroed. A method sets the attribute between steps; the block, the pipeline schedule
+and activation recompute need not know.
 
 Sites (`model/sites.py`): each layer's attention holds a "head" site, its MLP an "ffn" site, and the layer
 two "layer" sites (the attention and MLP residual deltas) and a "hidden" site (its output).
@@ -35,6 +36,7 @@ class LayerSelection:
 
     heads: torch.Tensor | None = None  # query groups of this TP rank (MHA: heads), in [0, g/tp)
     channels: torch.Tensor | None = None  # ffn channels of this TP rank, in [0, ffn/tp)
+    query_heads: torch.Tensor | None = None  # instead of heads: query heads of this TP rank, in [0, nq/tp); K/V dense
 
 
 class TransformerLayer(nn.Module):
@@ -70,13 +72,13 @@ class TransformerLayer(nn.Module):
         return skip + y
 
     def forward(self, x: torch.Tensor, inference_cache=None, selection: LayerSelection | None = None) -> torch.Tensor:
-        selection = selection if selection is not None else self.selection
-        heads, channels = (None, None) if selection is None else (selection.heads, selection.channels)
+        selection = selection or self.selection or LayerSelection()
         h, skip = self.residual_split(x, "attention")
-        y = self.self_attention(self.input_layernorm(h), inference_cache, heads=heads)
+        y = self.self_attention(self.input_layernorm(h), inference_cache, heads=selection.heads,
+                                query_heads=selection.query_heads)
         x = self.residual_add(self.attention_delta_site(self._dropout(y)), skip, "attention")
         h, skip = self.residual_split(x, "mlp")
-        y = self.mlp(self.pre_mlp_layernorm(h), channels=channels)
+        y = self.mlp(self.pre_mlp_layernorm(h), channels=selection.channels)
         x = self.residual_add(self.mlp_delta_site(self._dropout(y)), skip, "mlp")
         return self.output_site(x)  # [s, b, h]
 

@@ -10,16 +10,19 @@ from megatron_eff.config import require
 
 IMPORTANCE = ("wanda", "ema", "magnitude", "random")
 SELECTION = ("topk", "sample")
+HEAD_UNITS = ("query-head", "kv-group")
 
 
 @dataclass
 class SATConfig:
-    """Sparsity-accelerated training (`--sat-*`): omit the least important attention heads (with GQA: whole
-    query groups) and MLP channels each step, on a ladder omission-rate schedule (LORS) that ends dense."""
+    """Sparsity-accelerated training (`--sat-*`): omit the least important attention heads (with GQA: single
+    query heads, K/V dense, or whole query groups) and MLP channels each step, on a ladder omission-rate
+    schedule (LORS) that ends dense."""
 
     enabled: bool = False
     omission_rate_mlp: float = 0.5  # rho_c: fraction of MLP channels omitted before the ladder
-    omission_rate_heads: float = 0.25  # rho_h: fraction of heads (query groups) omitted before the ladder
+    omission_rate_heads: float = 0.25  # rho_h: fraction of head units omitted before the ladder
+    head_unit: str = "query-head"  # GQA: query-head (K/V dense) | kv-group (a group's q heads with its K and V)
     lors_start: float = 0.5  # fraction of --train-iters where the ladder starts
     lors_end: float = 1.0  # fraction of --train-iters where the ladder ends (dense from here on)
     lors_steps: int = 4  # K equal steps from rho down to 0 over [start, end)
@@ -39,6 +42,8 @@ class SATConfig:
                 f"0 <= start <= end <= 1")
         require(self.lors_steps >= 1, f"--sat-lors-steps must be >= 1, got {self.lors_steps}")
         require(self.importance in IMPORTANCE, f"--sat-importance must be one of {IMPORTANCE}, got {self.importance!r}")
+        require(self.head_unit in HEAD_UNITS,
+                f"--sat-head-unit must be one of {HEAD_UNITS}, got {self.head_unit!r}")
         require(self.selection in SELECTION, f"--sat-selection must be one of {SELECTION}, got {self.selection!r}")
         require(0 <= self.ema_decay < 1, f"--sat-ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.balance_blocks >= 0, f"--sat-balance-blocks must be >= 0, got {self.balance_blocks}")
@@ -53,6 +58,11 @@ class SATConfig:
 
     def blocks(self, tp_size: int) -> int:
         return self.balance_blocks or tp_size
+
+    def omits_query_heads(self, model) -> bool:
+        """Whether the head unit is a single query head with K/V dense (`--sat-head-unit query-head` under GQA;
+        with MHA a query head is its own group, and omitting the group also skips its K and V)."""
+        return self.head_unit == "query-head" and model.num_attention_heads > model.num_query_groups
 
     def check_run(self, config) -> None:
         """Rules that need the model shape, the layout and the other methods (`config`: the run's `Config`)."""
@@ -69,8 +79,12 @@ class SATConfig:
         blocks = self.blocks(tp)
         require(blocks % tp == 0, f"--sat-balance-blocks {blocks} must be a multiple of "
                                   f"--tensor-model-parallel-size {tp}")
-        require(model.num_query_groups % blocks == 0,
-                f"--sat-balance-blocks {blocks} must divide the number of query groups {model.num_query_groups}")
+        if self.omits_query_heads(model):
+            require(model.num_attention_heads % blocks == 0,
+                    f"--sat-balance-blocks {blocks} must divide --num-attention-heads {model.num_attention_heads}")
+        else:
+            require(model.num_query_groups % blocks == 0,
+                    f"--sat-balance-blocks {blocks} must divide the number of query groups {model.num_query_groups}")
         require(model.ffn_hidden_size % blocks == 0,
                 f"--sat-balance-blocks {blocks} must divide --ffn-hidden-size {model.ffn_hidden_size}")
         for item in self.exempt_layers:
@@ -90,7 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sat-omission-rate-mlp", type=float, default=0.5,
                    help="rho_c: fraction of MLP channels omitted until the ladder starts")
     g.add_argument("--sat-omission-rate-heads", type=float, default=0.25,
-                   help="rho_h: fraction of attention heads (GQA: query groups) omitted until the ladder starts")
+                   help="rho_h: fraction of attention head units (see --sat-head-unit) omitted until the ladder "
+                        "starts")
+    g.add_argument("--sat-head-unit", choices=HEAD_UNITS, default="query-head",
+                   help="under GQA, the head unit omitted: query-head (single query heads; K/V of every group stay "
+                        "dense) or kv-group (a query group's heads with its K and V); the same with MHA")
     g.add_argument("--sat-lors-start", type=float, default=0.5,
                    help="fraction of --train-iters where the ladder starts")
     g.add_argument("--sat-lors-end", type=float, default=1.0,
@@ -115,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SATConfig:
     return SATConfig(
         enabled=args.sat, omission_rate_mlp=args.sat_omission_rate_mlp,
-        omission_rate_heads=args.sat_omission_rate_heads, lors_start=args.sat_lors_start,
+        omission_rate_heads=args.sat_omission_rate_heads, head_unit=args.sat_head_unit, lors_start=args.sat_lors_start,
         lors_end=args.sat_lors_end, lors_steps=args.sat_lors_steps, importance=args.sat_importance,
         selection=args.sat_selection, exempt_layers=args.sat_exempt_layers, freeze_omitted=args.sat_freeze_omitted,
         ema_decay=args.sat_ema_decay, balance_blocks=args.sat_balance_blocks,

@@ -1,7 +1,8 @@
 """Sparsity-Accelerated Training (SAT; Ma, Chen et al. 2024, arXiv 2406.01392): each iteration computes only
-the important attention heads (GQA: query groups) and MLP channels of every layer, with really smaller
-GEMMs, and a ladder omission-rate schedule (LORS, `schedule.py`) brings the model back to dense. README.md,
-section "SAT -- Sparsity-Accelerated Training".
+the important attention heads (GQA, `--sat-head-unit`: single query heads with K/V dense, or whole query
+groups) and MLP channels of every layer, with really smaller GEMMs, and a ladder omission-rate schedule
+(LORS, `schedule.py`) brings the model back to dense. README.md, section "SAT -- Sparsity-Accelerated
+Training".
 
 A training method (`methods/base.py`), built when `--sat` is given; the model does not know it is there:
 - `transform_model`: hooks on every non-exempt `TransformerLayer` (a forward pre-hook that hands the layer
@@ -12,8 +13,9 @@ A training method (`methods/base.py`), built when `--sat` is given; the model do
   layer the kept units from the scores (`selection.py`): from the current weights and statistics of earlier
   iterations only, so the selection is fixed before any projection of the iteration runs (the same for every
   micro-batch, recompute and pipeline stage);
-- the layer then runs `SelfAttention.forward(heads=...)` and `MLP.forward(channels=...)`: QKV's rows of the
-  kept groups, fc1's (gate and up) rows of the kept channels and the matching input columns of `linear_proj`
+- the layer then runs `SelfAttention.forward(query_heads=...)` (or `heads=...`, groups) and
+  `MLP.forward(channels=...)`: QKV's q rows of the kept heads and every group's k and v rows (or the kept
+  groups' rows), fc1's (gate and up) rows of the kept channels and the matching input columns of `linear_proj`
   and fc2 are gathered (`parallel/layers.py` rows= / cols=), so the GEMMs are (1 - rho) wide, and autograd
   scatters the gradients back into the full parameters (omitted rows get zero gradient);
 - `after_backward`: the running statistics of this iteration are reduced over DP (and TP under sequence
@@ -23,7 +25,8 @@ A training method (`methods/base.py`), built when `--sat` is given; the model do
   ratio, the measured step time; logged and summarised at the end.
 
 Parallel layouts: units are chosen in equal blocks (`--sat-balance-blocks`, default the TP size), so each TP
-rank keeps the same count from its own shard without communication; DP replicas hold the same weights and
+rank keeps the same count from its own shard without communication (query heads: from its own groups; every
+rank's GEMMs, and so the FLOP count, are alike and need no reduction); DP replicas hold the same weights and
 DP-reduced statistics, so they choose the same units; pipeline stages own their layers. Checkpoints hold the
 statistics (sharded like the units) and the FLOP counters; the selection is a function of those, the weights,
 the seed and the iteration, so a resumed run selects exactly as the uninterrupted one.
@@ -42,7 +45,7 @@ from megatron_eff.methods.base import FlopAccounting, Method
 from megatron_eff.methods.sat.config import SATConfig
 from megatron_eff.methods.sat.schedule import LadderSchedule
 from megatron_eff.methods.sat.selection import keep_count, select_units, unit_generator, wanda_scores
-from megatron_eff.model.attention import _unit_elements
+from megatron_eff.model.attention import _unit_elements, query_rows
 from megatron_eff.model.transformer import LayerSelection
 from megatron_eff.training import flops as flops_lib
 
@@ -80,8 +83,10 @@ class SAT(FlopAccounting, Method):
         m = config.model
         self.tp, self.tp_rank = pstate.tp_size, pstate.tp_rank
         self.blocks = sat_config.blocks(self.tp)
-        self.units = {"heads": m.num_query_groups, "channels": m.ffn_hidden_size}  # global counts
         self.heads_per_group = m.num_attention_heads // m.num_query_groups
+        self.query_head_unit = sat_config.omits_query_heads(m)  # the head unit: a query head (K/V dense) or a group
+        heads = m.num_attention_heads if self.query_head_unit else m.num_query_groups
+        self.units = {"heads": heads, "channels": m.ffn_hidden_size}  # global counts
         self.exempt = sat_config.exempt_indices(m.num_layers)
         self.tokens_per_iter = config.train.resolved_global_batch_size(pstate.dp_size) * m.seq_length
         self.layers: list[SATLayer] = []
@@ -137,11 +142,12 @@ class SAT(FlopAccounting, Method):
     @staticmethod
     def _input_hook(state: SATLayer, slot: int):
         """Accumulates the input's per-feature sum of squares and token count (training forwards only; an
-        activation recompute adds both again, which leaves their ratio unchanged)."""
+        activation recompute adds both again, which leaves their ratio unchanged). Summed in the input's dtype
+        (a float64 copy of the activations cost ~8x the sum), accumulated in float64."""
         def hook(module, args):
             if module.training and torch.is_grad_enabled():
                 x = args[0].detach()  # [s, b, h] ([s/tp, b, h] with sequence parallel)
-                state.pending_input[slot, :-1] += x.double().pow(2).sum(dim=(0, 1))
+                state.pending_input[slot, :-1] += x.square().sum(dim=(0, 1))
                 state.pending_input[slot, -1] += x.shape[0] * x.shape[1]
         return hook
 
@@ -153,7 +159,7 @@ class SAT(FlopAccounting, Method):
                 return
             x, index = args[0].detach(), args[1] if len(args) > 1 else None
             dims = (0, 1, 3) if kind == "heads" else (0, 1)  # heads: [s, b, heads, d]; channels: [s, b, ffn]
-            sums = x.double().pow(2).sum(dim=dims) / (x.shape[3] if kind == "heads" else 1)
+            sums = x.square().sum(dim=dims).double() / (x.shape[3] if kind == "heads" else 1)
             pending = state.pending_units[kind]
             if index is None:
                 pending[0] += sums
@@ -177,7 +183,12 @@ class SAT(FlopAccounting, Method):
         for state in self.layers:
             heads = None if rate_heads == 0 else self._select(state, "heads", rate_heads, iteration)
             channels = None if rate_mlp == 0 else self._select(state, "channels", rate_mlp, iteration)
-            state.selection = None if heads is None and channels is None else LayerSelection(heads, channels)
+            if heads is None and channels is None:
+                state.selection = None
+            elif self.query_head_unit:
+                state.selection = LayerSelection(query_heads=heads, channels=channels)
+            else:
+                state.selection = LayerSelection(heads=heads, channels=channels)
         self._account_flops(rate_heads, rate_mlp)
         self._started = time.perf_counter()
 
@@ -197,30 +208,39 @@ class SAT(FlopAccounting, Method):
         importance = self.cfg.importance
         if importance == "random":
             return torch.cat([torch.rand(per_block, generator=generator(j, "score"), dtype=torch.float64)
-                              for j in range(blocks_local)])
+                              for j in range(blocks_local)]).to(state.input_sq.device)
         if importance == "ema":
-            if kind == "heads":  # a group's score: the sum over its query heads
+            if kind == "heads" and not self.query_head_unit:  # a group's score: the sum over its query heads
                 return state.head_sq.view(-1, self.heads_per_group).sum(dim=1)
-            return state.channel_sq.clone()
+            return (state.head_sq if kind == "heads" else state.channel_sq).clone()
         slot = 0 if kind == "heads" else 1
-        rms = None
-        if importance == "wanda" and state.input_sq[slot, 0] >= 0:  # before any statistics: magnitude
-            rms = state.input_sq[slot].sqrt()
+        input_sq = state.input_sq[slot]  # -1 before any statistics: then unit RMS (magnitude)
+        rms = input_sq.sqrt() if importance == "wanda" else torch.ones_like(input_sq)
+        row_scores = wanda_scores(self._column_weight(state, kind), torch.where(input_sq < 0, 1.0, rms))
+        if kind == "channels":  # [2, ffn/tp] (SwiGLU: gate, up) or [ffn/tp]
+            return row_scores.view(-1, row_scores.shape[-1]).sum(dim=0)
+        row_scores = row_scores.view(-1, self.heads_per_group + 2, self.model_config.head_dim)  # [g/tp, hpg+2, d]
+        if self.query_head_unit:  # a query head: its q rows
+            return row_scores[:, :self.heads_per_group].sum(dim=2).flatten()
+        return row_scores.sum(dim=(1, 2))  # a group: its q, k and v rows
+
+    @staticmethod
+    def _column_weight(state: SATLayer, kind: str) -> torch.Tensor:
         if kind == "heads":
-            weight = state.layer.self_attention.linear_qkv.weight  # [(nq + 2g) d / tp, h]
-            rows = weight.view(self.units["heads"] // self.tp, -1, weight.shape[-1])  # [g/tp, group rows, h]
-        else:
-            weight = state.layer.mlp.linear_fc1.weight  # [2, ffn/tp, h] (SwiGLU) or [ffn/tp, h]
-            rows = weight.transpose(0, 1) if weight.dim() == 3 else weight.unsqueeze(1)  # [ffn/tp, 1|2, h]
-        return wanda_scores(rows, rms)
+            return state.layer.self_attention.linear_qkv.weight  # [(nq + 2g) d / tp, h]
+        return state.layer.mlp.linear_fc1.weight  # [2, ffn/tp, h] (SwiGLU) or [ffn/tp, h]
 
     def global_selections(self) -> dict[int, tuple[list[int], list[int]]]:
-        """{layer: (kept query groups, kept channels)} of this rank's shard as global indices (all: dense)."""
+        """{layer: (kept head units, kept channels)} of this rank's shard as global indices (all: dense); head
+        units are query heads or query groups (`--sat-head-unit`)."""
         out = {}
         for state in self.layers:
             kept = []
             for kind in ("heads", "channels"):
-                local = None if state.selection is None else getattr(state.selection, kind)
+                local = None
+                if state.selection is not None:
+                    local = getattr(state.selection, "query_heads" if kind == "heads" and self.query_head_unit
+                                    else kind)
                 per_rank = self.units[kind] // self.tp
                 local = torch.arange(per_rank) if local is None else local.cpu()
                 kept.append((local + self.tp_rank * per_rank).tolist())
@@ -231,28 +251,20 @@ class SAT(FlopAccounting, Method):
     @torch.no_grad()
     def _fold_statistics(self) -> None:
         """This iteration's sums, reduced over DP (inputs also over TP under sequence parallel), into the
-        running averages; then cleared."""
+        running averages; then cleared. Elementwise on the device (no host synchronisation)."""
         if not self.layers:
             return
-        decay = self.cfg.ema_decay
         pending = torch.stack([s.pending_input for s in self.layers])
         self._all_reduce(pending, with_tp=self.sequence_parallel)
-        for state, sums in zip(self.layers, pending):
-            for slot in range(2):
-                if sums[slot, -1] > 0:
-                    mean_sq = sums[slot, :-1] / sums[slot, -1]
-                    old = state.input_sq[slot]
-                    state.input_sq[slot] = mean_sq if old[0] < 0 else decay * old + (1 - decay) * mean_sq
+        for state, sums in zip(self.layers, pending):  # [2, h + 1]: sums of squares, token count
+            _fold(state.input_sq, sums[:, :-1], sums[:, -1:], state.input_sq < 0, self.cfg.ema_decay)
             state.pending_input.zero_()
         for kind in ("heads", "channels"):
             pending = torch.stack([s.pending_units[kind] for s in self.layers])
             self._all_reduce(pending, with_tp=False)
             for state, (sums, counts) in zip(self.layers, pending):
                 score = state.head_sq if kind == "heads" else state.channel_sq
-                seen = counts > 0
-                mean_sq = sums[seen] / counts[seen]
-                old = score[seen]
-                score[seen] = torch.where(old == NEVER, mean_sq, decay * old + (1 - decay) * mean_sq)
+                _fold(score, sums, counts, score == NEVER, self.cfg.ema_decay)
                 state.pending_units[kind].zero_()
 
     def _all_reduce(self, tensor: torch.Tensor, with_tp: bool) -> None:
@@ -267,6 +279,13 @@ class SAT(FlopAccounting, Method):
         out = []
         attention, mlp = state.layer.self_attention, state.layer.mlp
         heads, channels = state.selection.heads, state.selection.channels
+        query_heads = state.selection.query_heads
+        if query_heads is not None:  # their q rows and linear_proj's columns; K/V stay
+            omitted = _complement(query_heads, self.units["heads"] // self.tp)
+            qkv, d = attention.linear_qkv, self.model_config.head_dim
+            rows = query_rows(omitted, self.heads_per_group, d)
+            out += [(qkv.weight, 0, rows)] + ([(qkv.bias, 0, rows)] if qkv.bias is not None else [])
+            out.append((attention.linear_proj.weight, 1, _unit_elements(omitted, d)))
         if heads is not None:
             num_groups = self.units["heads"] // self.tp
             groups = _complement(heads, num_groups)  # omitted query groups of this rank
@@ -322,12 +341,16 @@ class SAT(FlopAccounting, Method):
         m, tokens = self.model_config, self.tokens_per_iter
         head_density = self.kept_units("heads", rate_heads) / self.units["heads"]
         channel_density = self.kept_units("channels", rate_mlp) / self.units["channels"]
+        qkv_density = head_density  # kv-group: a group's q, k and v rows go together
+        if self.query_head_unit:  # only q rows go: (kept q heads + 2 g) / (nq + 2 g) of QKV
+            kv_heads = 2 * m.num_query_groups
+            qkv_density = (head_density * m.num_attention_heads + kv_heads) / (m.num_attention_heads + kv_heads)
         densities, attention = {}, {}
         for i in range(m.num_layers):
             if i in self.exempt:
                 continue
             prefix = f"decoder.layers.{i}"
-            densities[f"{prefix}.self_attention.linear_qkv"] = head_density
+            densities[f"{prefix}.self_attention.linear_qkv"] = qkv_density
             densities[f"{prefix}.self_attention.linear_proj"] = head_density
             densities[f"{prefix}.mlp.linear_fc1"] = channel_density
             densities[f"{prefix}.mlp.linear_fc2"] = channel_density
@@ -376,6 +399,15 @@ class SAT(FlopAccounting, Method):
             line += (f"; measured speed-up {measured:.2f}x, FLOP model {t['predicted'] / t['sparse_n']:.2f}x "
                      f"(dense steps at the end of the ladder are later in training: compare with bench/sat_speed.py)")
         return line
+
+
+def _fold(running: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, fresh: torch.Tensor,
+          decay: float) -> None:
+    """running <- sums / counts where `fresh` (no average yet), else the EMA decay * running + (1 - decay) *
+    sums / counts; unchanged where counts is 0 (broadcast against `running`)."""
+    mean_sq = sums / counts.clamp_min(1)
+    folded = torch.where(fresh, mean_sq, decay * running + (1 - decay) * mean_sq)
+    running.copy_(torch.where(counts > 0, folded, running))
 
 
 def _complement(kept: torch.Tensor, num: int) -> torch.Tensor:

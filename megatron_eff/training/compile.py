@@ -2,8 +2,8 @@
 
     compile_layers(chunks, mode="default")   # after the methods transformed the model, before training
 
-Why per layer: the layers of a model are the same code on same-shaped tensors, so dynamo traces one layer
-and inductor's cache serves the others (compile time does not grow with depth); the embedding, the
+Why per layer: the layers of a model are the same code on same-shaped tensors, so dynamo traces each into the
+same graph and inductor's cache compiles it once for all of them; the embedding, the
 vocab-parallel cross entropy, the pipeline schedule, gradient sync and the optimizer stay eager, so nothing
 there has to be traceable. Why in place (`nn.Module.compile`, not `torch.compile(module)`): the module tree
 and the parameter names stay as they are (no `_orig_mod.` prefix), so checkpoints of compiled and eager runs
@@ -11,6 +11,7 @@ are interchangeable and every method hook finds its modules where it left them.
 
 Collectives inside a layer (the tensor/sequence-parallel mappings of `parallel/mappings.py`) are graph breaks
 (`torch.compiler.disable`): gloo collectives cannot be traced, and the segments between them are compiled.
+Ring attention's send/recv (context parallelism) break the graph by themselves.
 
 On CPU inductor generates C++ and needs a C++ compiler at run time; `check_cpp_compiler` says so before a
 run starts rather than at the first forward.
@@ -19,15 +20,11 @@ run starts rather than at the first forward.
 from __future__ import annotations
 
 
-def compile_layers(chunks, mode: str = "default") -> int:
-    """`layer.compile(mode=mode)` on every transformer layer of `chunks` (this rank's model chunks), in place;
-    returns how many layers were compiled."""
-    count = 0
+def compile_layers(chunks, mode: str = "default") -> None:
+    """`layer.compile(mode=mode)` on every transformer layer of `chunks` (this rank's model chunks), in place."""
     for chunk in chunks:
         for layer in chunk.decoder.layers.values():
             layer.compile(mode=mode)
-            count += 1
-    return count
 
 
 def check_cpp_compiler() -> None:

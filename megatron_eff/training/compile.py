@@ -3,9 +3,9 @@
     compile_layers(chunks, mode="default")   # after the methods transformed the model, before training
 
 Why per layer: the layers of a model are the same code on same-shaped tensors, so dynamo traces each into the
-same graph and inductor's cache compiles it once for all of them; the embedding, the
-vocab-parallel cross entropy, the pipeline schedule, gradient sync and the optimizer stay eager, so nothing
-there has to be traceable. Why in place (`nn.Module.compile`, not `torch.compile(module)`): the module tree
+same graph and inductor's cache compiles it once for all of them; the embedding, the vocab-parallel cross
+entropy, the pipeline schedule, gradient sync and the optimizer stay eager, so nothing there has to be
+traceable. Why in place (`nn.Module.compile`, not `torch.compile(module)`): the module tree
 and the parameter names stay as they are (no `_orig_mod.` prefix), so checkpoints of compiled and eager runs
 are interchangeable and every method hook finds its modules where it left them.
 
@@ -38,4 +38,3 @@ def check_cpp_compiler() -> None:
         raise FileNotFoundError(
             "--torch-compile on CPU needs a C++ compiler (inductor generates C++): none found ($CXX, else g++); "
             "install g++ or set CXX, or run without --torch-compile") from error
-

@@ -2,12 +2,12 @@
 
     compile_layers(chunks, mode="default")   # after the methods transformed the model, before training
 
-Why per layer: the layers of a model are the same code on same-shaped tensors, so dynamo traces each into the
-same graph and inductor's cache compiles it once for all of them; the embedding, the vocab-parallel cross
-entropy, the pipeline schedule, gradient sync and the optimizer stay eager, so nothing there has to be
-traceable. Why in place (`nn.Module.compile`, not `torch.compile(module)`): the module tree
-and the parameter names stay as they are (no `_orig_mod.` prefix), so checkpoints of compiled and eager runs
-are interchangeable and every method hook finds its modules where it left them.
+Why per layer: the layers of a model are the same code on same-shaped tensors, so the graphs dynamo traces and
+inductor compiles for one serve them all (a llama-tiny run with 10 layers captures 2 graphs); the
+embedding, the vocab-parallel cross entropy, the pipeline schedule, gradient sync and the optimizer stay eager,
+so nothing there has to be traceable. Why in place (`nn.Module.compile`, not `torch.compile(module)`): the
+module tree and the parameter names stay as they are (no `_orig_mod.` prefix), so checkpoints of compiled and
+eager runs are interchangeable and every method hook finds its modules where it left them.
 
 Collectives inside a layer (the tensor/sequence-parallel mappings of `parallel/mappings.py`) are graph breaks
 (`torch.compiler.disable`): gloo collectives cannot be traced, and the segments between them are compiled.

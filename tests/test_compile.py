@@ -39,14 +39,6 @@ def assert_close(losses, reference):
         assert abs(a - b) <= TOL * abs(b), f"iteration {i + 1}: {a} vs {b}"
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 @pytest.mark.slow
 def test_compiled_matches_eager_and_resumes_exactly(tmp_path, float64, capsys):
     """4 compiled iterations = 4 eager ones (to 1e-6); 2 + resumed 2 compiled = 4 straight (bitwise); the

@@ -10,12 +10,24 @@ for several rounds after warm-up, so machine noise hits both alike. fp32 on CPU 
     .venv/bin/python bench/train_step.py --compile  # also torch.compile'd ours (and HF) per round
     .venv/bin/python bench/train_step.py --layers 6 --hidden 384 --heads 6 --groups 2 --rounds 5
 
-Prints tokens/s for each model and the ratio ours/HF. Figures are measured, never asserted.
+`--compile` compiles ours as `pretrain.py --torch-compile` does (each transformer layer in place,
+`megatron_eff/training/compile.py`, on a copy of the model) and HF whole (`torch.compile(model)`).
+
+The GEMM-only bound (`gemm-bound`, timed in the same rounds): every matrix product of the step, with the
+step's shapes, as bare `torch.mm` / `torch.bmm` on random inputs: forward, input gradient and weight gradient
+of every linear (QKV, attention output, MLP in/out, output layer), and attention's QK^T and PV products with
+their four backward products (full s x s scores, so no causal saving) -- the FLOPs that
+`megatron_eff/training/flops.py` counts for a step. Nothing else of a step (norms, softmax, elementwise ops,
+the optimizer) is in it: ms/step over the bound's says how far a step is from its GEMMs alone.
+
+Prints tokens/s and ms/step for each model and the ratios ours/HF, ours/bound and HF/bound. Figures are
+measured, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -27,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_eff.config import ModelConfig  # noqa: E402
 from megatron_eff.model.gpt_model import GPTModel  # noqa: E402
+from megatron_eff.training.compile import compile_layers  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,6 +117,34 @@ def hf_step(model, optimizer, tokens, labels):
     return loss
 
 
+def step_gemms(config: ModelConfig, batch: int, seq: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(a shape, b shape) of every matrix product of one training step: `mm` for 2-D, `bmm` for 3-D."""
+    tokens, h, d = batch * seq, config.hidden_size, config.head_dim
+    nq, g = config.num_attention_heads, config.num_query_groups
+    linears = [(h, (nq + 2 * g) * d), (nq * d, h), (h, (2 if config.swiglu else 1) * config.ffn_hidden_size),
+               (config.ffn_hidden_size, h)] * config.num_layers
+    linears.append((h, config.padded_vocab_size(1)))  # the output layer
+    gemms = []
+    for k, n in linears:  # y[t, n] = x[t, k] @ w[k, n]; dx = dy @ w^T; dw = x^T @ dy
+        gemms += [((tokens, k), (k, n)), ((tokens, n), (n, k)), ((k, tokens), (tokens, n))]
+    bh = batch * nq  # per layer: scores = q k^T, out = p v; backward dp = do v^T, dv = p^T do, dq = ds k, dk = ds^T q
+    attention = [((bh, seq, d), (bh, d, seq)), ((bh, seq, seq), (bh, seq, d)), ((bh, seq, d), (bh, d, seq)),
+                 ((bh, seq, seq), (bh, seq, d)), ((bh, seq, seq), (bh, seq, d)), ((bh, seq, seq), (bh, seq, d))]
+    return gemms + attention * config.num_layers
+
+
+def gemm_bound_runner(config: ModelConfig, batch: int, seq: int, device: str):
+    """A function that runs every GEMM of one step (`step_gemms`) on preallocated random inputs."""
+    shapes = step_gemms(config, batch, seq)
+    operands = [(torch.randn(a, device=device), torch.randn(b, device=device)) for a, b in shapes]
+
+    def run():
+        for a, b in operands:
+            (torch.mm if a.dim() == 2 else torch.bmm)(a, b)
+
+    return run
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -130,13 +171,17 @@ def main() -> None:
         hf = hf_model(kind, config).to(args.device).train()
         variants = {"ours": (ours, ours_step), "hf": (hf, hf_step)}
         if args.compile:
-            variants["ours+compile"] = (torch.compile(ours), ours_step)
+            compiled = copy.deepcopy(ours)
+            compile_layers([compiled])  # as --torch-compile: each layer in place
+            variants["ours+compile"] = (compiled, ours_step)
             variants["hf+compile"] = (torch.compile(hf), hf_step)
         runners = {}
         for name, (model, step) in variants.items():
             optimizer = optimizer_for(model)
             runners[name] = lambda m=model, o=optimizer, s=step, t=tokens, y=labels: s(m, o, t, y)
-            time_steps(runners[name], args.warmup, args.device)
+        runners["gemm-bound"] = gemm_bound_runner(config, args.batch, args.seq, args.device)
+        for runner in runners.values():
+            time_steps(runner, args.warmup, args.device)
         hf_params = sum(p.numel() for p in hf.parameters())
         fused = optimizer_for(ours).defaults.get("fused")
         shape = (f"{config.num_layers} layers, h {config.hidden_size}, heads {config.num_attention_heads}/"
@@ -150,9 +195,12 @@ def main() -> None:
                 seconds[name] += time_steps(runner, args.steps, args.device)
         tokens_per_step = args.batch * args.seq * args.steps * args.rounds
         rate = {name: tokens_per_step / s for name, s in seconds.items()}
+        ms = {name: 1000 * s / (args.steps * args.rounds) for name, s in seconds.items()}
         for name, value in rate.items():
-            print(f"  {name:14s} {value:10.0f} tokens/s")
+            print(f"  {name:14s} {value:10.0f} tokens/s {ms[name]:9.1f} ms/step")
         print(f"  ratio ours/hf  {rate['ours'] / rate['hf']:.2f}x")
+        over = ", ".join(f"{name} {ms[name] / ms['gemm-bound']:.2f}x" for name in variants)
+        print(f"  time over the GEMM-only bound: {over}")
         if args.compile:
             print(f"  ratio ours+compile/hf  {rate['ours+compile'] / rate['hf']:.2f}x, "
                   f"ours+compile/hf+compile  {rate['ours+compile'] / rate['hf+compile']:.2f}x")

@@ -11,6 +11,7 @@ import argparse
 from megatron_eff import megatron_compat
 from megatron_eff.config import (
     MODEL_PRESETS,
+    TORCH_COMPILE_MODES,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -125,6 +126,11 @@ def _training_group(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16", action="store_true", help="FP16 autocast, FP32 master weights")
     g.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many consecutive NaN/inf losses or grad norms (each is skipped)")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile each transformer layer in place (as torchtitan): the first iteration "
+                        "compiles (tens of seconds on a CPU); checkpoints are the same as without it")
+    g.add_argument("--torch-compile-mode", choices=TORCH_COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --torch-compile")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="average the loss over all tokens of the global batch (when loss masks make micro-batches "
                         "count different numbers of tokens) instead of the mean of micro-batch token means")
@@ -327,7 +333,8 @@ def config_from_args(args: argparse.Namespace, vocab_size: int | None = None) ->
             manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval, exit_interval=args.exit_interval,
             exit_duration_in_mins=args.exit_duration_in_mins, exit_signal_handler=args.exit_signal_handler,
             train_samples=args.train_samples, rampup_batch_size=args.rampup_batch_size,
-            step_batch_size_schedule=args.step_batch_size_schedule,
+            step_batch_size_schedule=args.step_batch_size_schedule, torch_compile=args.torch_compile,
+            torch_compile_mode=args.torch_compile_mode,
         ),
         data=DataConfig(
             data_path=args.data_path, split=args.split, tokenizer_type=args.tokenizer_type,

@@ -308,6 +308,9 @@ class OptimizerConfig:
         require(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 disables), got {self.clip_grad}")
 
 
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 4
@@ -329,8 +332,12 @@ class TrainConfig:
     train_samples: int | None = None  # sample-based training (Megatron's --train-samples); train_iters derived
     rampup_batch_size: list[int] | None = None  # [start, increment, ramp samples] (needs train_samples)
     step_batch_size_schedule: str | None = None  # "T0:BS0 T1:BS1 ..." in tokens (needs train_samples)
+    torch_compile: bool = False  # each transformer layer torch.compile'd in place (training/compile.py)
+    torch_compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune | ...
 
     def __post_init__(self) -> None:
+        require(self.torch_compile_mode in TORCH_COMPILE_MODES, f"--torch-compile-mode must be one of "
+                f"{', '.join(TORCH_COMPILE_MODES)}, got {self.torch_compile_mode!r}")
         require(self.rampup_batch_size is None or self.train_samples is not None,
                 "--rampup-batch-size needs sample-based training (--train-samples), as in Megatron-LM")
         require(self.step_batch_size_schedule is None or self.train_samples is not None,
@@ -578,8 +585,18 @@ class Config:
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
         self.precision.check_run(self.model, self.train, self.parallel.tensor_model_parallel_size)
+        if self.train.torch_compile:
+            self._check_torch_compile()
         for method in self.enabled_methods().values():
             method.check_run(self)
+
+    def _check_torch_compile(self) -> None:
+        """What --torch-compile (compiled transformer layers) does not run with."""
+        require(self.model.transformer_impl == "local",
+                "--torch-compile is for --transformer-impl local (Transformer Engine's layers are not compiled here)")
+        require(not self.model.recompute_activations,
+                "--torch-compile cannot be combined with --recompute-activations (checkpoint's recomputation of a "
+                "compiled layer does not save the tensors its forward saved)")
 
     def enabled_methods(self) -> dict[str, object]:
         """{name: config} of the methods this run turns on, in registry order."""

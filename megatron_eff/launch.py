@@ -1,9 +1,9 @@
 """Checks an entry point runs before any process-group work: what needs the world size or the file system.
 
 `config.py` checks what the flags alone decide; `check_launch` adds the rules that depend on how the run
-was launched (torchrun's `WORLD_SIZE`) and on files (data prefixes, Transformer Engine, the checkpoint
-to load). `pretrain.py` and the tools call it first, so a bad launch fails on every rank with one line and
-before anything is built.
+was launched (torchrun's `WORLD_SIZE`), on what is installed (Transformer Engine; a C++ compiler for
+`--torch-compile` on CPU) and on files (data prefixes, the checkpoint to load). `pretrain.py` and the tools
+call it first, so a bad launch fails on every rank with one line and before anything is built.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def check_launch(config: Config, world_size: int | None = None) -> int:
         from megatron_eff.model.te_backend import check_transformer_engine
 
         check_transformer_engine()
+    if config.train.torch_compile:
+        from megatron_eff.parallel.state import use_cuda
+        from megatron_eff.training.compile import check_cpp_compiler
+
+        if not use_cuda():
+            check_cpp_compiler()
     if not config.data.mock_data:
         from megatron_eff.data.builders import parse_data_path
 

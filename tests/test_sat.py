@@ -35,14 +35,6 @@ GROUP_FLAGS = [*FLAGS, "--sat-head-unit", "kv-group"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def trainer_for(flags) -> Trainer:
     return Trainer(config_from_args(parse_args(flags)))
 

@@ -83,8 +83,10 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _mapping(name: str, forward_fn, backward_fn):
-    """`f(x, group)`: the collective `forward_fn` in forward, `backward_fn` on the gradient; identity on one rank."""
-    fn = forward_backward_function(name, forward_fn, backward_fn)
+    """`f(x, group)`: the collective `forward_fn` in forward, `backward_fn` on the gradient; identity on one rank.
+    Under `--torch-compile` (compiled layers) a graph break: run eagerly, since gloo collectives cannot be
+    traced; the code before and after it is compiled."""
+    fn = torch.compiler.disable(forward_backward_function(name, forward_fn, backward_fn))
     return lambda x, group: x if _size(group) == 1 else fn(x, group)
 
 

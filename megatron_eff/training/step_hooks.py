@@ -1,5 +1,6 @@
 """Per-iteration housekeeping Megatron-LM launch scripts ask for: manual garbage collection (`--manual-gc`)
-and a torch.profiler trace of a few iterations (`--profile`). Both are no-ops unless their flag is given.
+and a torch.profiler trace of a few iterations (`--profile`); and, with `--torch-compile`, one log line with
+the first iteration's time, which includes compiling. Each is a no-op unless its flag is given.
 
     hooks = StepHooks(config, rank)
     hooks.before_iteration(iteration); ...step...; hooks.after_iteration(iteration); hooks.close()
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import torch
 
 from megatron_eff.config import Config
+from megatron_eff.training.logging import log
 
 
 class StepHooks:
@@ -27,8 +30,11 @@ class StepHooks:
         self.trace_dir = os.path.join(logging.tensorboard_dir or "profile", f"trace_rank{rank}")
         self.profiler: torch.profiler.profile | None = None
         self.trace_file: str | None = None
+        self.time_first_iteration = config.train.torch_compile and rank == 0
+        self.iteration_start = 0.0
 
     def before_iteration(self, iteration: int) -> None:
+        self.iteration_start = time.perf_counter()
         if self.profile and self.profiler is None and iteration == self.profile_start:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
@@ -37,6 +43,10 @@ class StepHooks:
             self.profiler.__enter__()
 
     def after_iteration(self, iteration: int) -> None:
+        if self.time_first_iteration:  # the first iteration of this process (also after a resume)
+            self.time_first_iteration = False
+            log(f"torch.compile: first iteration took {time.perf_counter() - self.iteration_start:.1f} s (compiling "
+                "included, and in the first logging window's tokens/s and ms/it)", True)
         if self.profiler is not None and iteration + 1 >= self.profile_end:
             self._write_trace()
         if self.gc_interval and iteration % self.gc_interval == 0:

@@ -63,6 +63,7 @@ from megatron_eff.training.checkpointing import (
     read_meta,
     save_checkpoint,
 )
+from megatron_eff.training.compile import compile_layers
 from megatron_eff.training.logging import TrainingLogger, guess_peak_tflops, log
 from megatron_eff.training.loss import attach_aux_loss, aux_loss_scale, iteration_loss, iteration_loss_tensor
 from megatron_eff.training.lr_schedule import checkpoint_schedule, learning_rate, schedule_differences
@@ -341,6 +342,8 @@ class Trainer:
         self.methods = build_methods(config, pstate)
         self.batch_schedule = _batch_schedule(config, pstate, bool(config.enabled_methods()))
         self.methods.transform_model(self.model)  # before the buckets and the optimizer: what it adds trains
+        if config.train.torch_compile:  # in place, after the methods' hooks and masks are on the layers
+            compile_layers(self.model, config.train.torch_compile_mode)
         self.named_params = {name: p for chunk in self.model for name, p in chunk.named_parameters()}
         self.grad_sync = GradSync(
             list(self.named_params.values()), pstate, bucket_size=parallel.ddp_bucket_size,

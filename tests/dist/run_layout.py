@@ -12,7 +12,8 @@ full tensor} when a last pipeline stage holds a copy of the tied embedding, and 
 boolean `weight_mask`} when a method (MST) installed masks, and "param_gather_bytes" = {dtype: bytes} that
 rank 0's last parameter all-gather of the distributed optimizer moved. With `DUMMY_METHOD=1` the contract-test method
 (`tests/dist/dummy_method.py`) is registered (`--dummy` turns it on) and "method" = {"events": its event
-counts, "ema": {global layer index: value}} is added. With `--sat`, "sat" = one entry per rank: {"tp", "dp",
+counts, "ema": {global layer index: value}} is added. "dynamo_graphs": the graphs torch.compile captured on
+rank 0 (`--torch-compile`; 0 without). With `--sat`, "sat" = one entry per rank: {"tp", "dp",
 "pp": its coordinates, "selections": [per iteration: {global layer: (kept query groups, kept channels)}]}.
 """
 
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -109,8 +111,9 @@ def main() -> None:
             dist.all_gather_object(gathered, sat_runs[0])
             sat_runs = gathered
     if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"sat": sat_runs, "losses": result.losses, "params": params, "optimizer_numel": optimizer_numel,
-                    "tied_copies": tied_copies, "masks": masks, "method": method,
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        torch.save({"dynamo_graphs": graphs, "sat": sat_runs, "losses": result.losses, "params": params,
+                    "optimizer_numel": optimizer_numel, "tied_copies": tied_copies, "masks": masks, "method": method,
                     "param_gather_bytes": trainer.grad_sync.param_gather_bytes}, out)
     shutdown_distributed()
 

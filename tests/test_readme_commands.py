@@ -327,7 +327,8 @@ RULES: dict[str, Rule] = {
     "sheared-cpu": Rule(r"^bash examples/sheared_cpu\.sh$", succeeded(), slow=True,
                         env={"SOURCE_ITERS": "4", "PRUNE_ITERS": "4", "CONTINUE_ITERS": "4"}),
     "sheared-bench": Rule(r"bench/sheared\.py$", succeeded(), slow=True,
-                          extra="--source-iters 4 --prune-iters 4 --continue-iters 4 --eval-iters 1 --dbl-interval 2"),
+                          extra="--source-iters 4 --prune-iters 4 --continue-iters 4 --eval-iters 1 --dbl-interval 2 "
+                                "--lr-search 1e-3"),
     "sat-cpu": Rule(r"^bash examples/sat_cpu\.sh$", succeeded("SAT:"), env={"DENSE_ITERS": "4", "ITERS": "4"},
                     slow=True),
     "colm-cpu": Rule(r"^bash examples/colm_cpu\.sh$", succeeded("CoLM:"), env={"ITERS": "3"}, slow=True),

@@ -33,7 +33,7 @@ def is_collective_failure(error: BaseException) -> bool:
 
 
 def failed_call(error: BaseException) -> str:
-    """'all_reduce in megatron_eff/training/loss.py:63 (iteration_loss)', read off the traceback."""
+    """'all_reduce in megatron_eff/training/loss.py:61 (iteration_loss_tensor)', read off the traceback."""
     frames = traceback.extract_tb(error.__traceback__)
     collective, caller = None, None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

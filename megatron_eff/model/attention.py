@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eff.config import ModelConfig
-from megatron_eff.model.rope import RotaryEmbedding, apply_rotary
+from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, split_qkv_rotary
 from megatron_eff.model.sites import Site
 from megatron_eff.parallel.context_parallel import ContextParallel
 from megatron_eff.parallel.layers import scaled_init_std
@@ -123,12 +123,9 @@ class SelfAttention(nn.Module):
             qkv = self.linear_qkv(x, rows=_unit_elements(heads, group_width))  # [s, b, len(heads) * group_width]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, qkv.shape[-1] // group_width, self.heads_per_group + 2, self.head_dim)
-        if self.rotary is not None:  # rotate q and k of every group in one go
-            cos, sin = self._rotary_angles(s, qkv.device, qkv.dtype, inference_cache)
-            qk = apply_rotary(qkv[:, :, :, :-1], cos.unsqueeze(2), sin.unsqueeze(2))
-            q, k = qk[:, :, :, :-1], qk[:, :, :, -1]
-        else:
-            q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
+        if self.rotary is not None:  # split, rotating q and k of every group in one go
+            return split_qkv_rotary(qkv, *self._rotary_angles(s, qkv.device, qkv.dtype, inference_cache))
+        q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
         return q.reshape(s, b, -1, self.head_dim), k, qkv[:, :, :, -1]  # v [s, b, g/tp, d]
 
     def _qkv_of_query_heads(self, x: torch.Tensor, query_heads: torch.Tensor):

@@ -7,6 +7,10 @@ SwiGLU's gate and up projections are one fused column-parallel GEMM with weight 
 fc1's rows of them (SwiGLU: their gate and up rows) and fc2's input columns (smaller GEMMs,
 `parallel/layers.py`); the result equals the full MLP with the other channels zeroed. The intermediate
 activation passes the `ffn_site` (`model/sites.py`) before fc2.
+
+`swiglu` is `silu(gate) * up` with a hand-written backward that writes the gate and up gradients straight
+into one fc1-output gradient (autograd would concatenate the two halves' gradients: one more pass over the
+largest activation of the layer). Under `torch.compile` the plain form is traced (the compiler fuses it).
 """
 
 from __future__ import annotations
@@ -45,11 +49,36 @@ class MLP(nn.Module):
             rows = torch.cat([channels, channels + self.local_ffn]) if self.swiglu else channels
             y = self.linear_fc1(x, rows=rows)  # [s, b, num_fused * len(channels)]
         if self.swiglu:
-            gate, up = y.chunk(2, dim=-1)
-            y = F.silu(gate) * up
+            y = swiglu(y)
         else:
             y = F.gelu(y, approximate="tanh")
         y = self.ffn_site(y, channels)
         if channels is None:
             return self.linear_fc2(y)  # [s, b, h]
         return self.linear_fc2(y, cols=channels)
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """`[..., 2 n]` (gate ; up) -> `silu(gate) * up` `[..., n]`."""
+    if torch.compiler.is_compiling():
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return _SwiGLU.apply(y)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        gate, up = y.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(gate, up, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, activated = ctx.saved_tensors
+        n = gate.shape[-1]
+        grad_y = torch.empty((*gate.shape[:-1], 2 * n), dtype=grad.dtype, device=grad.device)
+        torch.mul(grad, activated, out=grad_y[..., n:])  # d/d up = silu(gate)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_y[..., :n])  # d/d gate
+        return grad_y

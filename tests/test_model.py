@@ -14,7 +14,8 @@ from megatron_eff.config import MODEL_PRESETS, ModelConfig
 from megatron_eff.methods.mst.attention_patterns import masked_sdpa
 from megatron_eff.model.backends import build_backend
 from megatron_eff.model.gpt_model import GPTModel
-from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, rotary_reference, split_qkv_rotary
+from megatron_eff.model.attention import split_qkv
+from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, rotary_reference
 from megatron_eff.parallel.state import ParallelState
 from megatron_eff.training.flops import count_parameters
 
@@ -90,21 +91,24 @@ def test_rope_matches_complex_reference():
     torch.testing.assert_close(apply_rotary(x, cos, sin), rope_reference(x, 500.0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rotary_dim", [8, 4])  # all dims, and --rotary-percent 0.5
-def test_rope_kernels_match_textbook_form_and_gradcheck(rotary_dim):
+@pytest.mark.parametrize("rotary_dim", [8, 4, 0])  # all dims, --rotary-percent 0.5, no RoPE (GPT)
+def test_rope_and_qkv_split_kernels_match_textbook_form_and_gradcheck(rotary_dim):
     """The pair-wise rotation (eager) = x cos + rotate_half(x) sin in values and gradients, float64 exact to
-    rounding; gradcheck proves the hand-written backward; the QKV split equals slicing the rotated tensor."""
+    rounding; gradcheck proves the hand-written backwards; the QKV split equals slicing (the rotated) QKV."""
     s, b, g, hpg, d = 5, 2, 3, 2, 8
-    cos, sin = RotaryEmbedding(rotary_dim, base=100.0)(s, torch.device("cpu"), torch.float64)
-    x = torch.randn(s, b, g, d, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
-    torch.testing.assert_close(apply_rotary(x, cos, sin), rotary_reference(x, cos, sin), rtol=0, atol=1e-14)
+    cos = sin = None
+    if rotary_dim:
+        cos, sin = RotaryEmbedding(rotary_dim, base=100.0)(s, torch.device("cpu"), torch.float64)
+        x = torch.randn(s, b, g, d, dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
+        torch.testing.assert_close(apply_rotary(x, cos, sin), rotary_reference(x, cos, sin), rtol=0, atol=1e-14)
 
     qkv = torch.randn(s, b, g, hpg + 2, d, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: split_qkv_rotary(t, cos, sin), (qkv,))
-    qk = rotary_reference(qkv[:, :, :, :-1], cos.unsqueeze(2), sin.unsqueeze(2))
+    torch.autograd.gradcheck(lambda t: split_qkv(t, cos, sin), (qkv,))
+    qk = qkv[:, :, :, :-1] if cos is None else rotary_reference(qkv[:, :, :, :-1], cos.unsqueeze(2),
+                                                                 sin.unsqueeze(2))
     expected = (qk[:, :, :, :-1].reshape(s, b, -1, d), qk[:, :, :, -1], qkv[:, :, :, -1])
-    outputs = split_qkv_rotary(qkv, cos, sin)
+    outputs = split_qkv(qkv, cos, sin)
     for got, want in zip(outputs, expected):
         assert got.permute(1, 2, 0, 3).is_contiguous()  # [b, heads, s, d] memory, as SDPA reads it
         torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
@@ -112,6 +116,11 @@ def test_rope_kernels_match_textbook_form_and_gradcheck(rotary_dim):
     (grad,) = torch.autograd.grad(outputs[1].sum(), qkv)
     (want,) = torch.autograd.grad(expected[1].sum(), qkv)
     torch.testing.assert_close(grad, want, rtol=0, atol=1e-14)
+    # a rank whose selection keeps no query group (SAT / pruning under TP)
+    empty = torch.randn(s, b, 0, hpg + 2, d, dtype=torch.float64, requires_grad=True)
+    q, k, v = split_qkv(empty, cos, sin)
+    (q.sum() + k.sum() + v.sum()).backward()
+    assert q.shape == (s, b, 0, d) and empty.grad.shape == empty.shape
 
 
 def attention_reference(attention, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:

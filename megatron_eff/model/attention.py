@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eff.config import ModelConfig
-from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, split_qkv_rotary
+from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, halves, rotary_reference, rotate_into
 from megatron_eff.model.sites import Site
 from megatron_eff.parallel.context_parallel import ContextParallel
 from megatron_eff.parallel.layers import scaled_init_std
@@ -123,10 +123,9 @@ class SelfAttention(nn.Module):
             qkv = self.linear_qkv(x, rows=_unit_elements(heads, group_width))  # [s, b, len(heads) * group_width]
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, qkv.shape[-1] // group_width, self.heads_per_group + 2, self.head_dim)
-        if self.rotary is not None:  # split, rotating q and k of every group in one go
-            return split_qkv_rotary(qkv, *self._rotary_angles(s, qkv.device, qkv.dtype, inference_cache))
-        q, k = qkv[:, :, :, :-2], qkv[:, :, :, -2]
-        return q.reshape(s, b, -1, self.head_dim), k, qkv[:, :, :, -1]  # v [s, b, g/tp, d]
+        if self.rotary is None:
+            return split_qkv(qkv)
+        return split_qkv(qkv, *self._rotary_angles(s, qkv.device, qkv.dtype, inference_cache))
 
     def _qkv_of_query_heads(self, x: torch.Tensor, query_heads: torch.Tensor):
         """q `[s, b, kept, d]` of the query heads `query_heads`, and k, v `[s, b, kept, d]`: each one's group's."""
@@ -152,6 +151,74 @@ class SelfAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=self.heads_per_group > 1
         )  # [b, nq/tp, s, d]
+
+
+def split_qkv(qkv: torch.Tensor, cos: torch.Tensor | None = None,
+              sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused QKV output `[s, b, g, hpg + 2, d]` (per group: its hpg q heads, k, v) -> q `[s, b, g * hpg, d]`,
+    k and v `[s, b, g, d]`, q and k rotated if RoPE's cos/sin `[s, 1, 1, r]` are given.
+
+    Eager: one pass writes them into new tensors laid out as `[b, heads, s, d]` in memory (what SDPA reads
+    fastest: its `permute(1, 2, 0, 3)` is contiguous), and the backward writes their gradients straight into
+    one QKV gradient (slicing would give autograd a zero-filled QKV-sized buffer per slice to add up). Measured
+    on one CPU thread, LLaMA bench shape: ~12 ms less per layer, forward and backward, than rotating and
+    slicing. Under `torch.compile`: plain slicing and `rotary_reference`, which the compiler fuses."""
+    if not torch.compiler.is_compiling():
+        return _SplitQKV.apply(qkv, *((None, None) if cos is None else halves(cos, sin)))
+    s, b, d = qkv.shape[0], qkv.shape[1], qkv.shape[-1]
+    qk = qkv[:, :, :, :-1] if cos is None else rotary_reference(qkv[:, :, :, :-1], cos.unsqueeze(2), sin.unsqueeze(2))
+    return qk[:, :, :, :-1].reshape(s, b, -1, d), qk[:, :, :, -1], qkv[:, :, :, -1]
+
+
+class _SplitQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        s, b, g, slots, d = qkv.shape
+        ctx.save_for_backward(cos, sin)
+        ctx.qkv_shape = qkv.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero-filled tensor)
+
+        def sbhd_view_of_bhsd(*heads):  # [s, b, *heads, d] view of [b, *heads, s, d] memory
+            return torch.empty((b, *heads, s, d), dtype=qkv.dtype, device=qkv.device).movedim(-2, 0)
+
+        q, k, v = sbhd_view_of_bhsd(g, slots - 2), sbhd_view_of_bhsd(g), sbhd_view_of_bhsd(g)
+        for source, target, angles in _qk_parts(qkv, q, k, cos, sin):
+            _rotate_or_copy(source, target, angles, inverse=False)
+        v.copy_(qkv[:, :, :, -1])
+        return q.flatten(2, 3), k, v  # q's group and head dims merge: a view
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        if grad_q is None and grad_k is None and grad_v is None:
+            return None, None, None
+        cos, sin = ctx.saved_tensors
+        like = next(t for t in (grad_q, grad_k, grad_v) if t is not None)
+        grad = torch.empty(ctx.qkv_shape, dtype=like.dtype, device=like.device)
+        grad_q = grad_q.unflatten(2, (grad.shape[2], grad.shape[3] - 2)) if grad_q is not None else None
+        for target, source, angles in _qk_parts(grad, grad_q, grad_k, cos, sin):
+            if source is None:
+                target.zero_()
+            else:
+                _rotate_or_copy(source, target, angles, inverse=True)
+        if grad_v is None:
+            grad[:, :, :, -1].zero_()
+        else:
+            grad[:, :, :, -1].copy_(grad_v)
+        return grad, None, None
+
+
+def _qk_parts(qkv, q, k, cos, sin):
+    """(QKV's q slice, q, angles for it), (QKV's k slice, k, angles): cos/sin broadcast to each (or None)."""
+    q_angles = None if cos is None else (cos.unsqueeze(2), sin.unsqueeze(2))
+    k_angles = None if cos is None else (cos, sin)
+    return ((qkv[:, :, :, :-2], q, q_angles), (qkv[:, :, :, -2], k, k_angles))
+
+
+def _rotate_or_copy(source, target, angles, inverse: bool) -> None:
+    if angles is None:
+        target.copy_(source)
+    else:
+        rotate_into(source, *angles, target, inverse=inverse)
 
 
 def query_rows(query_heads: torch.Tensor, heads_per_group: int, head_dim: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ quickstart: venv
 	PY=$(PY) bash examples/quickstart.sh
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -14,9 +14,10 @@ for several rounds after warm-up, so machine noise hits both alike. fp32 on CPU 
 `megatron_eff/training/compile.py`, on a copy of the model) and HF whole (`torch.compile(model)`).
 
 The GEMM-only bound (`gemm-bound`, timed in the same rounds): every matrix product of the step, with the
-step's shapes, as bare `torch.mm` / `torch.bmm` on random inputs: forward, input gradient and weight gradient
-of every linear (QKV, attention output, MLP in/out, output layer), and attention's QK^T and PV products with
-their four backward products (full s x s scores, so no causal saving) -- the FLOPs that
+step's shapes and operand layouts, as bare `torch.mm` / `torch.bmm` on random inputs: forward, input gradient
+and weight gradient of every linear (QKV, attention output, MLP in/out, output layer), and attention's QK^T
+and PV products with their four backward products (full s x s scores, so no causal saving: a causal kernel
+that skips the masked blocks can beat this part of the bound) -- the FLOPs that
 `megatron_eff/training/flops.py` counts for a step. Nothing else of a step (norms, softmax, elementwise ops,
 the optimizer) is in it: ms/step over the bound's says how far a step is from its GEMMs alone.
 
@@ -117,30 +118,40 @@ def hf_step(model, optimizer, tokens, labels):
     return loss
 
 
-def step_gemms(config: ModelConfig, batch: int, seq: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(a shape, b shape) of every matrix product of one training step: `mm` for 2-D, `bmm` for 3-D."""
+def step_gemms(config: ModelConfig, batch: int, seq: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Every matrix product of one training step: ("linear", (tokens, in, out)) for each linear layer (its
+    forward, input-gradient and weight-gradient GEMMs) and ("attention", (batch * heads, seq, head_dim)) for
+    each layer's attention (QK^T, PV and their four backward products)."""
     tokens, h, d = batch * seq, config.hidden_size, config.head_dim
     nq, g = config.num_attention_heads, config.num_query_groups
     linears = [(h, (nq + 2 * g) * d), (nq * d, h), (h, (2 if config.swiglu else 1) * config.ffn_hidden_size),
                (config.ffn_hidden_size, h)] * config.num_layers
     linears.append((h, config.padded_vocab_size(1)))  # the output layer
-    gemms = []
-    for k, n in linears:  # y[t, n] = x[t, k] @ w[k, n]; dx = dy @ w^T; dw = x^T @ dy
-        gemms += [((tokens, k), (k, n)), ((tokens, n), (n, k)), ((k, tokens), (tokens, n))]
-    bh = batch * nq  # per layer: scores = q k^T, out = p v; backward dp = do v^T, dv = p^T do, dq = ds k, dk = ds^T q
-    attention = [((bh, seq, d), (bh, d, seq)), ((bh, seq, seq), (bh, seq, d)), ((bh, seq, d), (bh, d, seq)),
-                 ((bh, seq, seq), (bh, seq, d)), ((bh, seq, seq), (bh, seq, d)), ((bh, seq, seq), (bh, seq, d))]
-    return gemms + attention * config.num_layers
+    return ([("linear", (tokens, k, n)) for k, n in linears]
+            + [("attention", (batch * nq, seq, d))] * config.num_layers)
 
 
 def gemm_bound_runner(config: ModelConfig, batch: int, seq: int, device: str):
-    """A function that runs every GEMM of one step (`step_gemms`) on preallocated random inputs."""
-    shapes = step_gemms(config, batch, seq)
-    operands = [(torch.randn(a, device=device), torch.randn(b, device=device)) for a, b in shapes]
+    """A function that runs every GEMM of one step (`step_gemms`) on preallocated random inputs, with the
+    operand layouts the step itself uses (a weight stored `[out, in]`, so the forward multiplies by its
+    transpose, as `F.linear` does; the weight gradient is `dy^T x`, as autograd computes it), since the BLAS
+    kernel, and so the time, depends on which operands are transposed."""
+    products = []
+    for kind, dims in step_gemms(config, batch, seq):
+        if kind == "linear":  # y = x w^T; dx = dy w; dw = dy^T x
+            tokens, k, n = dims
+            x, w, dy = (torch.randn(shape, device=device) for shape in ((tokens, k), (n, k), (tokens, n)))
+            products += [(torch.mm, x, w.t()), (torch.mm, dy, w), (torch.mm, dy.t(), x)]
+        else:  # scores = q k^T, out = p v; dp = do v^T, dv = p^T do, dq = ds k, dk = ds^T q (full s x s)
+            bh, s, hd = dims
+            q, k, v, do = (torch.randn(bh, s, hd, device=device) for _ in range(4))
+            p = torch.randn(bh, s, s, device=device)
+            products += [(torch.bmm, q, k.transpose(1, 2)), (torch.bmm, p, v), (torch.bmm, do, v.transpose(1, 2)),
+                         (torch.bmm, p.transpose(1, 2), do), (torch.bmm, p, k), (torch.bmm, p.transpose(1, 2), q)]
 
     def run():
-        for a, b in operands:
-            (torch.mm if a.dim() == 2 else torch.bmm)(a, b)
+        for product, a, b in products:
+            product(a, b)
 
     return run
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from megatron_eff.config import MODEL_PRESETS, ModelConfig
 from megatron_eff.methods.mst.attention_patterns import masked_sdpa
+from megatron_eff.model.attention import split_qkv
 from megatron_eff.model.backends import build_backend
 from megatron_eff.model.gpt_model import GPTModel
-from megatron_eff.model.attention import split_qkv
 from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, rotary_reference
 from megatron_eff.parallel.state import ParallelState
 from megatron_eff.training.flops import count_parameters

@@ -6,8 +6,9 @@ the ablations the paper implies (the ladder vs a constant omission rate; wanda v
    dense; SAT with the default flags (ladder ending dense); SAT at a constant rate (`--sat-lors-start 1`);
    SAT with `--sat-importance random`;
 3. a dense continuation given SAT's training time (its iteration count scaled by SAT's training time / dense
-   training time; training time = the training loop, validation excluded; the set-up -- model, checkpoint
-   load, data indices -- is the same for every run and is reported apart).
+   training time; training time = the training loop without what the trainer's logger leaves out of its
+   throughput (validation, checkpoint saves); the set-up -- model, checkpoint load, data indices -- is the
+   same for every run and is reported apart).
 Prints each run's final validation loss, the gap to dense, training FLOPs saved, training time and the whole
 run's time. Time is CPU time of this process on one thread (`--threads 1`, the default), which is the
 wall-clock time of an idle machine and, unlike wall-clock time, not inflated by other jobs on a shared one.
@@ -21,6 +22,7 @@ Figures are measured, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -75,20 +77,21 @@ def run(args, tokenizer: str, blend: list[str], iters: int, lr: float,
     ]
     start = time.process_time()
     trainer = Trainer(config_from_args(parse_args(flags)))
-    validation = [0.0]
-    validate = trainer._validate
+    paused_s = [0.0]  # what the trainer leaves out of its training time (validation, saves), on this clock
+    paused = trainer.logger.paused
 
-    def timed_validate():  # validation is not training time
+    @contextlib.contextmanager
+    def timed_pause():
         t = time.process_time()
-        validate()
-        validation[0] += time.process_time() - t
+        with paused():
+            yield
+        paused_s[0] += time.process_time() - t
 
-    trainer._validate = timed_validate
+    trainer.logger.paused = timed_pause
     loop_start = time.process_time()
     result = trainer.train()
     end = time.process_time()
-    return (result.valid_losses[iters], trainer.methods.get("sat"), end - loop_start - validation[0],
-            end - start)
+    return (result.valid_losses[iters], trainer.methods.get("sat"), end - loop_start - paused_s[0], end - start)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from megatron_eff.methods.mst.attention_patterns import masked_sdpa
 from megatron_eff.model.attention import split_qkv
 from megatron_eff.model.backends import build_backend
 from megatron_eff.model.gpt_model import GPTModel
+from megatron_eff.model.mlp import swiglu
 from megatron_eff.model.rope import RotaryEmbedding, apply_rotary, rotary_reference
 from megatron_eff.parallel.state import ParallelState
 from megatron_eff.training.flops import count_parameters
@@ -96,6 +97,8 @@ def test_rope_and_qkv_split_kernels_match_textbook_form_and_gradcheck(rotary_dim
     """The pair-wise rotation (eager) = x cos + rotate_half(x) sin in values and gradients, float64 exact to
     rounding; gradcheck proves the hand-written backwards; the QKV split equals slicing (the rotated) QKV."""
     s, b, g, hpg, d = 5, 2, 3, 2, 8
+    # Both forms round each of x1 c, x2 s and their sum once (the kernel may fuse into one FMA): a few ulps of
+    # the largest |value| (< 10 for these randn inputs), i.e. < 1e-14 in float64.
     cos = sin = None
     if rotary_dim:
         cos, sin = RotaryEmbedding(rotary_dim, base=100.0)(s, torch.device("cpu"), torch.float64)
@@ -399,9 +402,8 @@ def test_chunked_cross_entropy_equals_plain_in_loss_and_logits_grad(chunk, dtype
 
 
 def test_swiglu_kernel_matches_plain_form_and_gradcheck():
-    """The hand-written SwiGLU backward (one gradient buffer for gate and up) = autograd of silu(gate) * up."""
-    from megatron_eff.model.mlp import swiglu
-
+    """The hand-written SwiGLU backward (one gradient buffer for gate and up) = autograd of silu(gate) * up;
+    the forward runs the same two ops, so it is bitwise equal."""
     y = torch.randn(3, 2, 10, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(swiglu, (y,))
     gate, up = y.chunk(2, dim=-1)

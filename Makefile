@@ -30,8 +30,12 @@ $(BLENDING_HELPER): megatron_eff/data/blending_indices.c | $(VENV)/.installed
 quickstart: venv
 	PY=$(PY) bash examples/quickstart.sh
 
+# Test files are spread over PYTEST_WORKERS processes (pytest-xdist), whole files per worker so that a file's
+# module fixtures and the README commands' shared workspace are built once. 2 = the CI machine's cores.
+PYTEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadfile tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -14,7 +14,10 @@ run's time. Time is CPU time of this process on one thread (`--threads 1`, the d
 wall-clock time of an idle machine and, unlike wall-clock time, not inflated by other jobs on a shared one.
 Figures are measured, never asserted.
 
-    .venv/bin/python bench/sat_quality.py                                # ~1 h on a loaded 2-core CPU
+    .venv/bin/python bench/sat_quality.py                                # ~36 min on an idle 2-core CPU
+    .venv/bin/python bench/sat_quality.py --reuse-pretrained --equal-time none \
+        --variant "rho_h 0=--sat --sat-omission-rate-heads 0" --variant "sample=--sat --sat-selection sample"
+                                                                         # a sweep from the same dense model
     .venv/bin/python bench/sat_quality.py --hidden 128 --heads 4 --ffn 352 --pretrain-iters 80 --iters 40 \
         --micro-batch 4 --global-batch 8 --eval-iters 4                  # a quick look (~10 min)
 """
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -54,6 +58,16 @@ def parse() -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--eval-iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--reuse-pretrained", action="store_true",
+                   help="continue from OUT/dense_ckpt of an earlier run with the same model and seed flags instead "
+                        "of pretraining again")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
+                   help="a continued-pretraining run to compare with dense (repeatable): its label and its extra "
+                        "pretrain.py flags, e.g. 'rho 0.3=--sat --sat-omission-rate-mlp 0.3'; given, these replace "
+                        "the default SAT runs (defaults, constant rate, random importance)")
+    p.add_argument("--equal-time", choices=("first", "each", "none"), default="first",
+                   help="dense continuations given a SAT run's training time: for the first SAT variant, for each, "
+                        "or none")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (on a shared 2-core machine one thread ran 25x faster than two)")
     return p.parse_args()
@@ -91,30 +105,53 @@ def run(args, tokenizer: str, blend: list[str], iters: int, lr: float,
     loop_start = time.process_time()
     result = trainer.train()
     end = time.process_time()
-    return (result.valid_losses[iters], trainer.methods.get("sat"), end - loop_start - paused_s[0], end - start)
+    loss = result.valid_losses[iters] if iters in result.valid_losses else trainer.evaluate()["loss"]
+    return loss, trainer.methods.get("sat"), end - loop_start - paused_s[0], end - start
+
+
+def variants(args) -> list[tuple[str, list[str]]]:
+    """(label, extra flags) of each continued-pretraining run, dense first."""
+    if not args.variant:
+        return [("dense", []), ("SAT (defaults: LORS ending dense)", ["--sat"]),
+                ("SAT constant rate (no ladder)", ["--sat", "--sat-lors-start", "1"]),
+                ("SAT random importance", ["--sat", "--sat-importance", "random"])]
+    runs = [("dense", [])]
+    for text in args.variant:
+        label, sep, flags = text.partition("=")
+        if not sep or not label.strip():
+            raise SystemExit(f"--variant {text!r}: expected LABEL=FLAGS, e.g. "
+                             "'rho 0.3=--sat --sat-omission-rate-mlp 0.3'")
+        runs.append((label.strip(), shlex.split(flags)))
+    return runs
 
 
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    runs = variants(args)
     tokenizer, blend = prepare_data(args.out)
     dense_ckpt = os.path.join(args.out, "dense_ckpt")
-    print(f"== dense pretraining, {args.pretrain_iters} iterations", flush=True)
-    pre_loss, *_ = run(args, tokenizer, blend, args.pretrain_iters, 2e-3, ["--save", dense_ckpt])
+    if args.reuse_pretrained:
+        if not os.path.exists(os.path.join(dense_ckpt, "latest_checkpointed_iteration.txt")):
+            raise SystemExit(f"--reuse-pretrained: no checkpoint in {dense_ckpt}; run once without it first")
+        print(f"== dense model from {dense_ckpt} (evaluated, not trained again)", flush=True)
+        pre_loss, *_ = run(args, tokenizer, blend, args.pretrain_iters, 2e-3, ["--load", dense_ckpt])
+    else:
+        print(f"== dense pretraining, {args.pretrain_iters} iterations", flush=True)
+        pre_loss, *_ = run(args, tokenizer, blend, args.pretrain_iters, 2e-3, ["--save", dense_ckpt])
     cont = ["--load", dense_ckpt, "--finetune"]
-    variants = [("dense", []), ("SAT (defaults: LORS ending dense)", ["--sat"]),
-                ("SAT constant rate (no ladder)", ["--sat", "--sat-lors-start", "1"]),
-                ("SAT random importance", ["--sat", "--sat-importance", "random"])]
     results = []
-    for name, extra in variants:
+    for name, extra in runs:
         print(f"== continued pretraining: {name}", flush=True)
         results.append((name, *run(args, tokenizer, blend, args.iters, 5e-4, [*cont, *extra])))
-    dense_s, sat_s = results[0][3], results[1][3]
-    equal_time_iters = max(1, round(args.iters * sat_s / dense_s))
-    print(f"== dense continuation in SAT's training time: {equal_time_iters} iterations", flush=True)
-    results.append((f"dense in SAT's time ({equal_time_iters} its)",
-                    *run(args, tokenizer, blend, equal_time_iters, 5e-4, cont)))
+    dense_s = results[0][3]
+    sat_runs = [r for r in results[1:] if r[2] is not None]
+    timed = {"first": sat_runs[:1], "each": sat_runs, "none": []}[args.equal_time]
+    for equal_time_iters in sorted({max(1, round(args.iters * r[3] / dense_s)) for r in timed}, reverse=True):
+        print(f"== dense continuation in a SAT run's training time: {equal_time_iters} iterations", flush=True)
+        results.append((f"dense in {equal_time_iters} its (a SAT run's time)",
+                        *run(args, tokenizer, blend, equal_time_iters, 5e-4, cont)))
     dense_loss = results[0][1]
     tokens = args.iters * args.global_batch * args.seq
     print(f"\n== SAT continued pretraining: {args.layers}L h{args.hidden} {args.heads} heads ffn {args.ffn} seq "

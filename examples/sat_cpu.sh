@@ -2,7 +2,8 @@
 # SAT (sparsity-accelerated training) on a 2-core CPU, in its setting: continued pretraining of an existing
 # dense model. A small LLaMA-shaped model is first pretrained dense on the shipped corpus (DENSE_ITERS), then
 # continued with --sat from that checkpoint (--load ... --finetune) for ITERS iterations: half the run at
-# rho_c = 0.5 of the MLP channels and rho_h = 0.25 of the heads omitted, then a 4-stair ladder back to dense.
+# rho_c = 0.5 of the MLP channels and rho_h = 0.25 of the heads omitted (in every layer but the first), then a
+# 4-stair ladder back to dense.
 # The log shows sat/omission_heads, sat/omission_mlp, sat/predicted_speedup, sat/step_time and flops/saved_x;
 # the run ends with a "SAT: ..." summary line. Everything lands in work_dirs/sat_cpu/ (override OUT, ITERS,
 # DENSE_ITERS).
@@ -41,5 +42,5 @@ $PY pretrain.py "${MODEL[@]}" "${DATA[@]}" "${COMMON[@]}" --train-iters "$ITERS"
     --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters 5 --lr-decay-style cosine \
     --load "$OUT/dense" --finetune \
     --sat --sat-omission-rate-mlp 0.5 --sat-omission-rate-heads 0.25 --sat-lors-start 0.5 --sat-lors-steps 4 \
-    --sat-importance wanda --sat-selection topk \
+    --sat-importance wanda --sat-selection topk --sat-exempt-layers first \
     --save "$OUT/sat" --save-interval 50 --tensorboard-dir "$OUT/tensorboard"

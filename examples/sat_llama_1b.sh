@@ -3,7 +3,7 @@
 # of 8 GPUs (or several): TP 2 with sequence parallelism, DP 4 with the distributed optimizer, BF16,
 # activation recomputation, as examples/llama_1b_8gpu.sh. SAT omits rho_c = 0.5 of the MLP channels and
 # rho_h = 0.25 of the query heads (--sat-head-unit query-head: each TP rank keeps 12 of its 16, the K/V of its
-# 4 groups stay dense) for the first half of the run, then a 4-stair ladder back to dense. SAT needs
+# 4 groups stay dense) in every layer but the first, for the first half of the run, then a 4-stair ladder back to dense. SAT needs
 # --transformer-impl local (the default here).
 #
 #   DENSE_CKPT=work_dirs/llama_1b/checkpoints DATA=/data/slimpajama_text_document \
@@ -40,6 +40,7 @@ launch \
     --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 200 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --recompute-activations \
     --sat --sat-omission-rate-mlp 0.5 --sat-omission-rate-heads 0.25 --sat-lors-start 0.5 --sat-lors-steps 4 \
+    --sat-exempt-layers first \
     "${DATA_ARGS[@]}" "${LOAD[@]}" \
     --log-interval 10 --eval-interval 1000 --eval-iters 20 \
     --save "$OUT/checkpoints" --save-interval 1000 --exit-signal-handler \

@@ -29,7 +29,7 @@ FLAGS = [
     "--vocab-size", "200", "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
     "--eval-iters", "0", "--log-interval", "100", "--seed", "3", "--train-iters", "16",
     "--sat", "--sat-omission-rate-heads", "0.5", "--sat-omission-rate-mlp", "0.5", "--sat-lors-start", "0.5",
-    "--sat-lors-steps", "2",
+    "--sat-lors-steps", "2", "--sat-exempt-layers", "none",
 ]
 GROUP_FLAGS = [*FLAGS, "--sat-head-unit", "kv-group"]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -352,5 +352,8 @@ def test_sat_flags_are_validated_with_the_flag_name():
     assert config_from_args(parse_args([*FLAGS, "--sat-balance-blocks", "8"]))  # 8 query heads
     with pytest.raises(ValueError, match="--sat-exempt-layers"):
         config_from_args(parse_args([*FLAGS, "--sat-exempt-layers", "7"]))
-    assert SATConfig().exempt_indices(12) == set()
+    assert SATConfig(exempt_layers=()).exempt_indices(12) == set()
+    assert SATConfig().exempt_indices(12) == {0}  # the default keeps the first layer dense
+    assert config_from_args(parse_args(FLAGS[:-2])).method("sat").exempt_layers == ("first",)
+    assert config_from_args(parse_args(FLAGS)).method("sat").exempt_layers == ()  # --sat-exempt-layers none
     assert SATConfig(exempt_layers=("first", "last", "3")).exempt_indices(12) == {0, 3, 11}

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 # MHA with 4 heads (4 query groups) so each TP rank has 2 heads to choose from; the ladder starts at t = 4.
 SAT_FLAGS = [*TINY_FLAGS, "--num-query-groups", "4", "--train-iters", "8", "--sat", "--sat-omission-rate-heads",
              "0.5", "--sat-omission-rate-mlp", "0.5", "--sat-lors-start", "0.5", "--sat-lors-steps", "2",
-             "--clip-grad", "1.0"]
+             "--clip-grad", "1.0", "--sat-exempt-layers", "none"]
 
 
 def merged_selections(run: dict) -> dict[int, list]:

@@ -28,7 +28,7 @@ class SATConfig:
     lors_steps: int = 4  # K equal steps from rho down to 0 over [start, end)
     importance: str = "wanda"  # wanda | ema | magnitude | random
     selection: str = "topk"  # topk | sample (without replacement, proportional to the score)
-    exempt_layers: tuple[str, ...] = ()  # global layer indices, or "first" / "last": always dense
+    exempt_layers: tuple[str, ...] = ("first",)  # global layer indices, or "first" / "last": always dense
     freeze_omitted: bool = True  # omitted rows keep their values and AdamW moments that step
     ema_decay: float = 0.9  # EMA of the input statistics (wanda) and output norms (ema)
     balance_blocks: int = 0  # blocks that each keep the same count; 0 = the TP size
@@ -94,7 +94,7 @@ class SATConfig:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    return () if text.strip() == "none" else tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,8 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="unit score: wanda (|W| x input norms), ema (output norms of earlier steps), magnitude, random")
     g.add_argument("--sat-selection", choices=SELECTION, default="topk",
                    help="keep the top-scored units, or sample them in proportion to the score without replacement")
-    g.add_argument("--sat-exempt-layers", type=_names, default=(), metavar="I,J|first,last",
-                   help="global layer indices (or first / last) that are always dense")
+    g.add_argument("--sat-exempt-layers", type=_names, default=("first",), metavar="I,J|first,last|none",
+                   help="global layer indices (or first / last) that are always dense; none: every layer omits "
+                        "(default first: omitting in the first layer cost most of SAT's quality in our bench)")
     g.add_argument("--sat-freeze-omitted", action=argparse.BooleanOptionalAction, default=True,
                    help="omitted rows keep their weights and AdamW moments that step (no momentum/decay move)")
     g.add_argument("--sat-ema-decay", type=float, default=0.9,

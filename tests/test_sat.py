@@ -1,6 +1,6 @@
 """SAT (sparsity-accelerated training): the ladder schedule, importance and selection, the omitted model equal
-to the dense model with those heads/channels zeroed, GEMMs really (1 - rho) wide, frozen omitted rows, FLOP
-accounting, flag checks and exact mid-ladder resume. Multi-process parity is in test_sat_parallel.py.
+to the dense model with those heads/channels zeroed, GEMMs really (1 - rho) wide, frozen omitted rows (FP32,
+BF16, FP16), FLOP accounting, flag checks and exact mid-ladder resume. Multi-process parity is in test_sat_parallel.py.
 
 Numerics: the model tests run in float64. Omission computes the same dot products as the masked dense model,
 only in smaller GEMMs (a 0/1 mask multiply is exact), so the two differ by summation order alone: ~1e-15
@@ -244,10 +244,11 @@ def test_query_head_gemm_is_one_minus_rho_wide_in_q_and_dense_in_k_and_v():
 
 
 class Watch:
-    """Wraps the SAT method: records the omitted rows' values and moments around every step."""
+    """Wraps the SAT method: records, for every step, how much the omitted rows' values and AdamW moments and the
+    kept rows' values changed."""
 
     def __init__(self, inner):
-        self.inner, self.changes, self.moment_changes = inner, [], []
+        self.inner, self.changes, self.moment_changes, self.kept_changes = inner, [], [], []
 
     def __getattr__(self, attr):
         return getattr(self.inner, attr)
@@ -267,6 +268,7 @@ class Watch:
         self.inner.after_step(it)
         for param, mask, old, moments in self.before:
             self.changes.append((param.detach() - old)[mask].abs().max().item())
+            self.kept_changes.append((param.detach() - old)[~mask].abs().max().item())
             state = self.inner.optimizer.state[param]
             self.moment_changes += [(state[k] - v)[mask].abs().max().item() for k, v in moments.items()]
 
@@ -288,6 +290,25 @@ def test_omitted_rows_do_not_move_with_freeze_and_do_without(unit_flags):
     assert len(frozen.moment_changes) > 0 and max(frozen.moment_changes) == 0.0
     _, moving, _ = run([*flags, "--no-sat-freeze-omitted"], watch=True)
     assert max(moving.changes) > 0  # AdamW's weight decay and momentum move rows that got no gradient
+
+
+@pytest.mark.parametrize("precision", [["--bf16"], ["--fp16", "--initial-loss-scale", str(2.0**21)]],
+                         ids=["bf16", "fp16-overflowing"])
+def test_mixed_precision_trains_the_kept_rows_and_freezes_the_omitted(precision):
+    """Under autocast the FP32 masters are what SAT gathers from and freezes. FP16 starts at a loss scale whose
+    scaled gradients overflow FP16 (this model's overflow at ~2^19, two skips per halving), so the first
+    iterations are skipped while omitting: the rows frozen for a skipped step are dropped, and later steps
+    still keep them fixed. A factor 2 either way in the gradients still leaves skipped and stepped iterations."""
+    flags = [*FLAGS, *precision, "--train-iters", "8", "--sat-lors-start", "1"]  # constant rho: every step omits
+    result, watch, trainer = run(flags, watch=True)
+    stepped = 8 - result.state.skipped_iterations
+    if "--fp16" in precision:
+        assert result.state.skipped_iterations >= 1 and stepped >= 2
+    assert len(watch.changes) > 0 and max(watch.changes) == 0.0
+    assert max(watch.moment_changes) == 0.0
+    assert min(watch.kept_changes) > 0  # the kept rows of every omitted parameter did train
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(p.dtype == torch.float32 for p in trainer.model[0].parameters())
 
 
 @pytest.mark.parametrize("unit_flags", [FLAGS, GROUP_FLAGS], ids=["query-head", "kv-group"])

@@ -3,8 +3,8 @@
 # of 8 GPUs (or several): TP 2 with sequence parallelism, DP 4 with the distributed optimizer, BF16,
 # activation recomputation, as examples/llama_1b_8gpu.sh. SAT omits rho_c = 0.5 of the MLP channels and
 # rho_h = 0.25 of the query heads (--sat-head-unit query-head: each TP rank keeps 12 of its 16, the K/V of its
-# 4 groups stay dense) in every layer but the first, for the first half of the run, then a 4-stair ladder back to dense. SAT needs
-# --transformer-impl local (the default here).
+# 4 groups stay dense) in every layer but the first, for the first half of the run, then a 4-stair ladder back
+# to dense. SAT needs --transformer-impl local (the default here).
 #
 #   DENSE_CKPT=work_dirs/llama_1b/checkpoints DATA=/data/slimpajama_text_document \
 #     TOKENIZER=/models/llama/tokenizer.model bash examples/sat_llama_1b.sh

@@ -373,6 +373,8 @@ def test_sat_flags_are_validated_with_the_flag_name():
     assert config_from_args(parse_args([*FLAGS, "--sat-balance-blocks", "8"]))  # 8 query heads
     with pytest.raises(ValueError, match="--sat-exempt-layers"):
         config_from_args(parse_args([*FLAGS, "--sat-exempt-layers", "7"]))
+    with pytest.raises(ValueError, match="'none' alone, got 'none'"):
+        config_from_args(parse_args([*FLAGS, "--sat-exempt-layers", "none,first"]))
     assert SATConfig(exempt_layers=()).exempt_indices(12) == set()
     assert SATConfig().exempt_indices(12) == {0}  # the default keeps the first layer dense
     assert config_from_args(parse_args(FLAGS[:-2])).method("sat").exempt_layers == ("first",)

@@ -49,7 +49,8 @@ class SATConfig:
         require(self.balance_blocks >= 0, f"--sat-balance-blocks must be >= 0, got {self.balance_blocks}")
         for item in self.exempt_layers:
             require(item in ("first", "last") or item.lstrip("-").isdigit(),
-                    f"--sat-exempt-layers takes layer indices, 'first' or 'last', got {item!r}")
+                    f"--sat-exempt-layers takes layer indices, 'first' or 'last' (comma-separated), or 'none' "
+                    f"alone, got {item!r}")
 
     def exempt_indices(self, num_layers: int) -> set[int]:
         """The global layer indices that stay dense."""

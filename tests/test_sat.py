@@ -267,8 +267,9 @@ class Watch:
     def after_step(self, it):
         self.inner.after_step(it)
         for param, mask, old, moments in self.before:
-            self.changes.append((param.detach() - old)[mask].abs().max().item())
-            self.kept_changes.append((param.detach() - old)[~mask].abs().max().item())
+            change = (param.detach() - old).abs()
+            self.changes.append(change[mask].max().item())
+            self.kept_changes.append(change[~mask].max().item())
             state = self.inner.optimizer.state[param]
             self.moment_changes += [(state[k] - v)[mask].abs().max().item() for k, v in moments.items()]
 
